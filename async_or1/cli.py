@@ -1,0 +1,194 @@
+"""Command line: argument parsing only.
+
+Nothing heavy is imported at module level: torch, DeepSpeed, transformers and zmq are
+imported inside the command functions, after parsing, so ``async-or1 --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train with RL: generators + learner from one config",
+                       description="Start generators and learner from one config; Ctrl-C stops them all.")
+    p.add_argument("--config", "-c", default=None, help="YAML config (default: configs/cpu-tiny.yaml if present)")
+    p.add_argument("--dry-run", action="store_true", help="print the fully resolved config and exit")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algo.clip_high=0.265 schedule.0.steps=10")
+
+
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="list every config field with its default and documentation")
+    p.add_argument("--config", "-c", default=None, help="also validate this YAML file")
+
+
+def _add_reward(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reward", help="score responses with the math verifier or the code sandbox")
+    p.add_argument("kind", choices=["math", "code"])
+    p.add_argument("--jsonl", required=True, help="rows {id, response, gold} (math) or {id, response, tests} (code)")
+    p.add_argument("--workers", type=int, default=2, help="worker processes")
+    p.add_argument("--timeout", type=float, default=10.0, help="hard wall-clock limit per row, seconds")
+    p.add_argument("--no-require-think", action="store_true",
+                   help="grade the whole response when '</think>' is missing (non-reasoning models)")
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="data tools")
+    dsub = p.add_subparsers(dest="data_cmd", required=True)
+    f = dsub.add_parser("filter", help="offline difficulty filter: N rollouts per problem, drop 0/N and N/N")
+    f.add_argument("--model", required=True, help="local model path")
+    f.add_argument("--data", required=True, help="parquet or JSONL rows")
+    f.add_argument("--n", type=int, default=16, help="rollouts per problem")
+    f.add_argument("--out", required=True, help="output file (.jsonl or .parquet)")
+    f.add_argument("--model-name", default=None, help="key under extra_info.model_difficulty (default: model dir name)")
+    f.add_argument("--max-response-tokens", type=int, default=1024)
+    f.add_argument("--temperature", type=float, default=1.0)
+    f.add_argument("--workers", type=int, default=2, help="reward worker processes")
+    f.add_argument("--max-batch-size", type=int, default=64)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="avg@k and unbiased pass@k of a model on a data set")
+    p.add_argument("--model", required=True, help="local model path (or 'embedded')")
+    p.add_argument("--data", default=None, help="rows: training layout or AIME-style {problem, answer} "
+                                                "(default with --model embedded: its held-out split)")
+    p.add_argument("--k", type=int, default=32, help="samples per problem")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-response-tokens", type=int, default=1024)
+    p.add_argument("--out", default=None, help="output directory for samples.jsonl and summary.json")
+    p.add_argument("--workers", type=int, default=2, help="reward worker processes")
+    p.add_argument("--max-problems", type=int, default=0, help="evaluate the first N problems (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="PNG plots of a run from its metrics.jsonl")
+    p.add_argument("run_dir", help="runs/NAME")
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks")
+    bsub = p.add_subparsers(dest="bench_cmd", required=True)
+    t = bsub.add_parser("throughput", help="async vs on-policy on the same work, interleaved")
+    t.add_argument("--config", "-c", default="configs/cpu-tiny.yaml")
+    t.add_argument("--modes", default="on-policy,async", help="comma list of on-policy, async")
+    t.add_argument("--max-staleness", default="1,2,4", help="comma list of η values for the async mode")
+    t.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
+    t.add_argument("--repeats", type=int, default=1, help="interleaved rounds over all modes")
+    t.add_argument("--out", default="bench/results/throughput.json")
+    t.add_argument("overrides", nargs="*", help="dotted config overrides applied to every run")
+
+
+def _add_embedded(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("embedded", help="build (or rebuild) the embedded tiny model and task")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.add_argument("--cache-dir", default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="async-or1",
+        description="Asynchronous actor-learner RL for long chain-of-thought reasoning (Skywork-OR1 MAGIC).")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for add in (_add_train, _add_config, _add_reward, _add_data, _add_eval, _add_plot, _add_bench, _add_embedded):
+        add(sub)
+    return parser
+
+
+def _default_config_path(path: str | None) -> str | None:
+    from pathlib import Path
+
+    if path is not None:
+        return path
+    candidate = Path("configs/cpu-tiny.yaml")
+    return str(candidate) if candidate.is_file() else None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from async_or1.config import dump_yaml, load_config
+
+    cfg = load_config(_default_config_path(args.config), args.overrides)
+    if args.dry_run:
+        print(dump_yaml(cfg), end="")
+        return 0
+    from async_or1.launch import train
+
+    return train(cfg, resume=args.resume)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from async_or1.config import describe, load_config
+
+    if args.config:
+        load_config(args.config)
+        print(f"# {args.config}: valid")
+    print("\n".join(describe()))
+    return 0
+
+
+def cmd_reward(args: argparse.Namespace) -> int:
+    from async_or1.rewards.cli import main
+
+    return main(args.kind, args.jsonl, workers=args.workers, timeout_s=args.timeout,
+                require_think=not args.no_require_think)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from async_or1.data.filter_cli import main
+
+    return main(model=args.model, data=args.data, n=args.n, out=args.out, model_name=args.model_name,
+                max_response_tokens=args.max_response_tokens, temperature=args.temperature,
+                workers=args.workers, max_batch_size=args.max_batch_size)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from async_or1.eval import main
+
+    return main(model=args.model, data=args.data, k=args.k, temperature=args.temperature,
+                max_response_tokens=args.max_response_tokens, out=args.out, workers=args.workers,
+                max_problems=args.max_problems, seed=args.seed)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from async_or1.plots import main
+
+    return main(args.run_dir)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from async_or1.bench_throughput import main
+
+    return main(config=args.config, modes=args.modes, max_staleness=args.max_staleness, steps=args.steps,
+                repeats=args.repeats, out=args.out, overrides=args.overrides)
+
+
+def cmd_embedded(args: argparse.Namespace) -> int:
+    from async_or1.embedded import ensure_embedded
+
+    paths = ensure_embedded(args.cache_dir, force=args.force)
+    print(f"embedded model: {paths.model}\ntrain rows: {paths.train}\nheld-out rows: {paths.heldout}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "config": cmd_config, "reward": cmd_reward, "data": cmd_data, "eval": cmd_eval,
+            "plot": cmd_plot, "bench": cmd_bench, "embedded": cmd_embedded}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from async_or1.config import ConfigError
+
+    try:
+        return COMMANDS[args.cmd](args)
+    except ConfigError as e:
+        print(f"async-or1: config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("async-or1: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

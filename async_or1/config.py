@@ -1,0 +1,445 @@
+"""Typed, documented, strict configuration.
+
+Every field carries its documentation in ``metadata["doc"]``; ``describe()`` prints
+them. Loading is strict: an unknown or misspelt key is an error that names the key
+and suggests the closest valid one. YAML files plus dotted overrides
+(``algo.clip_high=0.265``) resolve to one ``Config``.
+
+Units live in the names: ``prompts_per_step`` counts prompts (= groups) per optimizer
+step, summed over all learner ranks (global); ``samples_per_prompt`` is the group size
+G; ``micro_batch_tokens_per_rank`` is a per-rank token budget.
+
+This module imports only the standard library and PyYAML so that the CLI can
+parse and dry-run without torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the dotted path of the offending field."""
+
+
+def _f(default: Any, doc: str) -> Any:
+    """A dataclass field with a documentation string (and a copy of mutable defaults)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"doc": doc})
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=lambda d=default: dataclasses.replace(d), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f("embedded", "Local path of a Hugging Face causal LM (loaded with from_pretrained), or 'embedded' "
+                   "for the tiny model this package builds and caches on first use.")
+    tokenizer_path: str = _f("", "Tokenizer path; empty means the model path.")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "Parameter dtype of the learner's master copy "
+                                                           "and of the generators' weights.")
+    trust_remote_code: bool = _f(False, "Passed to from_pretrained; leave off unless you trust the checkpoint.")
+
+
+@dataclass
+class StageConfig:
+    steps: int = _f(100, "Optimizer steps in this stage.")
+    max_response_tokens: int = _f(8192, "Maximum new tokens per sampled response in this stage (the paper's "
+                                        "context length schedule: 8K, 16K, 32K).")
+    prompts_per_step: int = _f(256, "Prompts (= groups) consumed per optimizer step, global over learner ranks.")
+    samples_per_prompt: int = _f(16, "Responses sampled per prompt (group size G for GRPO).")
+
+
+@dataclass
+class DataConfig:
+    train_files: list = _f([], "Training rows (parquet or JSONL) in the Skywork-OR1-RL-Data layout. Empty with "
+                              "model.path='embedded' means the embedded task's train split.")
+    eval_files: list = _f([], "Held-out rows for periodic evaluation (avg@k). Empty with the embedded model means "
+                             "its held-out split.")
+    on_bad_row: Literal["error", "skip"] = _f("error", "A row that cannot be used: 'error' stops with the file, "
+                                                       "row and field named; 'skip' drops it and counts it.")
+    shuffle: bool = _f(True, "Shuffle prompts each epoch (seeded, resumable).")
+    max_prompt_tokens: int = _f(2048, "Prompts longer than this after the chat template are dropped (counted).")
+    difficulty_model: str = _f("", "If set, filter on extra_info.model_difficulty[difficulty_model] (correct count "
+                                   "out of difficulty_n): keep rows strictly between 0 and difficulty_n.")
+    difficulty_n: int = _f(16, "Rollouts per problem behind the stored model_difficulty counts.")
+    online_filter: bool = _f(True, "At each stage boundary drop prompts the policy solved N/N during the previous "
+                                   "stage (paper section 3.1).")
+    abilities: list = _f(["math", "code"], "Row abilities to train on.")
+
+
+@dataclass
+class EntropyConfig:
+    enabled: bool = _f(True, "Adaptive entropy control (paper section 3.2.5). Off means entropy_coef = coef_init.")
+    target: float = _f(0.2, "Target entropy tgt (nats per token).")
+    delta: float = _f(0.005, "Coefficient step Δ per optimizer step (paper 0.005; released scripts 1e-4).")
+    coef_init: float = _f(0.0, "Initial coefficient c.")
+    coef_min: float = _f(0.0, "Lower clip of c.")
+    coef_max: float = _f(1.0e9, "Upper clip of c (released scripts: 5e-3).")
+
+
+@dataclass
+class AlgoConfig:
+    clip_low: float = _f(0.2, "ε_low of the clipped ratio: clip(ratio, 1 − ε_low, 1 + ε_high).")
+    clip_high: float = _f(0.2, "ε_high, the clip-higher knob; 0.2 is plain PPO, the paper found 0.25–0.265 helped.")
+    temperature: float = _f(1.0, "Sampling temperature; the learner divides logits by it too so that log-probs "
+                                 "match the sampling distribution.")
+    top_p: float = _f(1.0, "Nucleus sampling; anything below 1 makes behaviour log-probs differ from the "
+                           "learner's, so keep 1.0 for on-policy-correct RL.")
+    top_k: int = _f(-1, "Top-k sampling; -1 disables (see top_p).")
+    adv_eps: float = _f(1e-6, "ε in A = (r − mean) / (std + ε).")
+    kl_coef: float = _f(0.0, "β of the k3 KL penalty against the initial policy; 0 (the MAGIC default) disables it "
+                             "and loads no reference model.")
+    correction: Literal["none", "tis", "decoupled"] = _f("none", "Off-policy correction: 'none' uses the "
+        "generator's log-probs as old; 'tis' multiplies the token loss by min(π_old/π_behav, tis_cap); 'decoupled' "
+        "recomputes proximal log-probs with the pre-update weights and ratios against them (AReaL).")
+    tis_cap: float = _f(2.0, "Cap of the truncated importance weight for 'tis' and 'decoupled'.")
+    truncated_mask: Literal["none", "mask_truncated"] = _f("none", "Advantage mask for truncated responses "
+                                                                    "(paper section 3.2.3); off by default.")
+    reject_zero_advantage: bool = _f(True, "Reject groups whose rewards all agree (std 0): they carry no signal.")
+    entropy: EntropyConfig = _f(EntropyConfig(), "Adaptive entropy control.")
+
+
+@dataclass
+class RewardsConfig:
+    workers: int = _f(2, "Reward worker processes per generator.")
+    math_timeout_s: float = _f(10.0, "Hard wall-clock limit of one math verification (worker killed past it).")
+    code_timeout_s: float = _f(10.0, "Wall-clock limit of one code sandbox run (all tests of a sample).")
+    code_memory_mb: int = _f(4096, "Address-space limit of the sandboxed program.")
+    require_think: bool = _f(True, "A response without '</think>' was truncated and scores 0 (reasoning models).")
+
+
+@dataclass
+class GenerationConfig:
+    engine: Literal["torch", "sglang"] = _f("torch", "Inference engine of the generators.")
+    num_generators: int = _f(1, "Generator processes (each one engine).")
+    devices: list = _f([], "One device set per generator: GPU ids like '0,1' on GPU machines, CPU core sets like "
+                           "'0' or '0-3' here. Empty: no pinning.")
+    max_batch_size: int = _f(64, "Concurrent sequences per engine (torch engine slots; SGLang decides its own).")
+    prompts_per_lease: int = _f(4, "Prompts a generator leases at once.")
+    weight_update: Literal["between_requests", "in_flight"] = _f("in_flight", "Load new weights between decode steps "
+        "and go on ('in_flight'; tokens after the switch carry the new version), or only when no request runs.")
+    sglang_mem_fraction: float = _f(0.85, "SGLang mem_fraction_static.")
+    sglang_tp_size: int = _f(1, "SGLang tensor-parallel size per engine.")
+    seed: int = _f(0, "Sampling seed base; generator i uses seed + i.")
+
+
+@dataclass
+class LearnerConfig:
+    devices: list = _f([], "Device per learner rank (GPU id or CPU core set); its length is the number of ranks. "
+                           "Empty: one rank, unpinned.")
+    zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0-3.")
+    lr: float = _f(1e-6, "AdamW learning rate (constant; the paper uses 1e-6).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    betas: list = _f([0.9, 0.999], "AdamW betas.")
+    grad_clip: float = _f(1.0, "Gradient norm clip.")
+    micro_batch_tokens_per_rank: int = _f(16384, "Token budget of one micro-batch on one rank (prompt + response "
+                                                 "tokens); sequences are packed up to it, never split.")
+    logprob_chunk_tokens: int = _f(1024, "Tokens per chunk of the memory-bounded log-prob/entropy computation.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward.")
+    broadcast_every_steps: int = _f(1, "Broadcast weights to generators every N optimizer steps.")
+    bucket_mb: int = _f(256, "Weight broadcast bucket size in MiB.")
+    checkpoint_every_steps: int = _f(0, "Save a resumable checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = _f(2, "Resumable checkpoints kept on disk.")
+
+
+@dataclass
+class BufferConfig:
+    max_staleness: int = _f(1, "η: the one staleness bound, in optimizer steps. A prompt is leased only while "
+        "accepted + running < (η + version + 1) × prompts_per_step, and a group whose oldest token is more than "
+        "η versions behind the learner when consumed is dropped (reason 'stale'). 0 is on-policy.")
+    wait_timeout_s: float = _f(600.0, "The learner fails loudly if no batch completes within this time.")
+
+
+@dataclass
+class TransportConfig:
+    host: str = _f("127.0.0.1", "Address the learner binds its sockets to (use 0.0.0.0 or a NIC address for "
+                                "generators on other nodes).")
+    learner_address: str = _f("127.0.0.1", "Address generators connect to.")
+    port: int = _f(0, "Learner's ZeroMQ ROUTER port; 0 picks a free port (single-node launch only).")
+    weights_port: int = _f(0, "TCP port of the weight broadcast group's rendezvous; 0 picks a free port.")
+    high_water_mark: int = _f(0, "ZeroMQ send/receive high-water mark in messages; 0 is unlimited so nothing is "
+                                 "dropped (senders block on the kernel buffer instead).")
+    max_message_mb: int = _f(1024, "Frames larger than this are rejected and counted.")
+    heartbeat_s: float = _f(5.0, "Generator heartbeat period.")
+    generator_timeout_s: float = _f(60.0, "A generator silent this long is declared dead and its leases re-issued.")
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = _f(0, "Evaluate on data.eval_files every N steps (0: only before and after training).")
+    k: int = _f(4, "Samples per problem for avg@k during training-time evaluation.")
+    max_problems: int = _f(200, "Held-out problems evaluated (first N).")
+    max_response_tokens: int = _f(0, "0 means the current stage's max_response_tokens.")
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = _f(True, "Write TensorBoard events next to metrics.jsonl.")
+    print_every_steps: int = _f(1, "Terminal progress line every N steps.")
+    plots: bool = _f(True, "Write PNG plots at the end of a run.")
+
+
+@dataclass
+class Config:
+    name: str = _f("run", "Run name; outputs go to <output_dir>/<name>/.")
+    output_dir: str = _f("runs", "Parent directory of run outputs.")
+    seed: int = _f(0, "Global seed.")
+    mode: Literal["async", "on-policy"] = _f("async", "'on-policy' forces buffer.max_staleness = 0 and generators "
+                                                     "wait for version v before sampling batch v.")
+    model: ModelConfig = _f(ModelConfig(), "Policy model.")
+    data: DataConfig = _f(DataConfig(), "Training and evaluation data.")
+    schedule: list = _f([], "Stages walked through in order (list of StageConfig). Empty means one default stage.")
+    algo: AlgoConfig = _f(AlgoConfig(), "The MAGIC loss and advantage settings.")
+    rewards: RewardsConfig = _f(RewardsConfig(), "Verifiers.")
+    generation: GenerationConfig = _f(GenerationConfig(), "Generator processes.")
+    learner: LearnerConfig = _f(LearnerConfig(), "DeepSpeed learner.")
+    buffer: BufferConfig = _f(BufferConfig(), "Replay buffer and staleness control.")
+    transport: TransportConfig = _f(TransportConfig(), "ZeroMQ wire and weight-broadcast rendezvous.")
+    eval: EvalConfig = _f(EvalConfig(), "Held-out evaluation during training.")
+    log: LogConfig = _f(LogConfig(), "Logging.")
+
+    # ---- derived views -------------------------------------------------
+    @property
+    def stages(self) -> list[StageConfig]:
+        return list(self.schedule) if self.schedule else [StageConfig()]
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    @property
+    def max_staleness(self) -> int:
+        """The effective bound: on-policy mode is η = 0 whatever buffer.max_staleness says."""
+        return 0 if self.mode == "on-policy" else self.buffer.max_staleness
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def stage_at(self, step: int) -> tuple[int, StageConfig]:
+        """(stage index, stage) that optimizer step ``step`` (0-based) belongs to."""
+        start = 0
+        for i, st in enumerate(self.stages):
+            if step < start + st.steps:
+                return i, st
+            start += st.steps
+        return len(self.stages) - 1, self.stages[-1]
+
+
+# ---------------------------------------------------------------------------
+# strict loading
+# ---------------------------------------------------------------------------
+
+_LIST_ITEM_TYPES = {("Config", "schedule"): StageConfig}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(sorted(valid))})"
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(allowed)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, str):
+            # "a,b" on the command line; "" is the empty list.
+            value = [v for v in (s.strip() for s in value.split(",")) if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return list(value)
+    return value
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}'{_suggest(str(key), names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, path)
+            continue
+        item_cls = _LIST_ITEM_TYPES.get((cls.__name__, key))
+        if item_cls is not None:
+            if not isinstance(value, list):
+                raise ConfigError(f"{path}: expected a list of stages")
+            kwargs[key] = [_build(item_cls, v, f"{path}[{i}]") for i, v in enumerate(value)]
+            continue
+        kwargs[key] = _coerce(value, tp, path)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        if isinstance(node, list):
+            node = node[int(p)]
+            continue
+        node = node.setdefault(p, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` → (``a.b``, parsed value). Values are read as YAML scalars or lists."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.path=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Resolve a YAML file plus dotted overrides into a validated Config."""
+    import yaml
+
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+    for ov in overrides or []:
+        key, value = parse_override(ov)
+        if key.startswith("schedule.") and not tree.get("schedule"):
+            tree["schedule"] = [to_dict(StageConfig())]
+        _set_dotted(tree, key, value)
+    try:
+        cfg = _build(Config, tree, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; every message names the field."""
+    a = cfg.algo
+    if not 0 <= a.clip_low < 1:
+        raise ConfigError(f"algo.clip_low must be in [0, 1), got {a.clip_low}")
+    if a.clip_high < 0:
+        raise ConfigError(f"algo.clip_high must be >= 0, got {a.clip_high}")
+    if a.temperature <= 0:
+        raise ConfigError(f"algo.temperature must be > 0, got {a.temperature}")
+    if cfg.buffer.max_staleness < 0:
+        raise ConfigError(f"buffer.max_staleness must be >= 0, got {cfg.buffer.max_staleness}")
+    if not 0 <= cfg.learner.zero_stage <= 3:
+        raise ConfigError(f"learner.zero_stage must be 0..3, got {cfg.learner.zero_stage}")
+    for i, st in enumerate(cfg.stages):
+        for k in ("steps", "max_response_tokens", "prompts_per_step", "samples_per_prompt"):
+            if getattr(st, k) < 1:
+                raise ConfigError(f"schedule[{i}].{k} must be >= 1, got {getattr(st, k)}")
+    if cfg.generation.num_generators < 1:
+        raise ConfigError("generation.num_generators must be >= 1")
+    if cfg.generation.devices and len(cfg.generation.devices) != cfg.generation.num_generators:
+        raise ConfigError(f"generation.devices has {len(cfg.generation.devices)} entries for "
+                          f"{cfg.generation.num_generators} generators")
+    if cfg.learner.broadcast_every_steps < 1:
+        raise ConfigError("learner.broadcast_every_steps must be >= 1")
+
+
+def dump_yaml(cfg: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[str]:
+    """One line per field: dotted name, default, documentation."""
+    lines = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"{name}: {f.metadata.get('doc', '')}")
+            lines += describe(tp, name + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"{name} = {default!r}  # {f.metadata.get('doc', '')}")
+        if (cls.__name__, f.name) in _LIST_ITEM_TYPES:
+            lines += describe(_LIST_ITEM_TYPES[(cls.__name__, f.name)], name + "[i].")
+    return lines
+
+
+def config_from_dict(tree: dict) -> Config:
+    """Rebuild a Config from ``to_dict`` output (used to hand the resolved config to child processes)."""
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
