@@ -7,5 +7,6 @@ python -m pip install -q torch==2.13.0 -e '.[dev]'
 export DS_ACCELERATOR=cpu
 python -m pytest -q
 if [ "${ASYNC_OR1_SKIP_SLOW:-0}" != "1" ]; then
-  python -m pytest -q -m slow
+  # pytest exits 5 when it selects no test; that is not a failure of the slow stage.
+  python -m pytest -q -m slow || [ $? -eq 5 ]
 fi

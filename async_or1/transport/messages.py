@@ -1,0 +1,120 @@
+"""Wire messages between generators and the learner (msgpack, explicit schema version).
+
+Arrays travel as raw little-endian buffers with dtype and shape, never as lists of floats.
+The dataclasses below are the schema; ``encode``/``decode`` are the only way on or off the wire.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Prompt:
+    """One prompt a generator must sample a whole group for."""
+
+    prompt_id: str            # stable id of the data row (e.g. "train:123"); unique per lease
+    token_ids: np.ndarray     # int32 [P] prompt tokens after the chat template
+    ability: str              # "math" | "code"
+    ground_truth: Any         # JSON-able: list of gold answers (math) or test dict / assert list (code)
+    stage: int                # schedule stage the prompt was leased in
+    samples_per_prompt: int   # G
+    max_response_tokens: int
+
+
+@dataclass
+class LeaseRequest:
+    generator_id: int
+    max_prompts: int
+
+
+@dataclass
+class PromptLease:
+    """Answer to a LeaseRequest. Empty ``prompts`` means: admission control says wait, ask again."""
+
+    lease_id: int
+    prompts: list             # list[Prompt]
+    min_version: int          # generator must hold weights of at least this version before sampling
+    done: bool = False        # the schedule is finished: stop asking
+
+
+@dataclass
+class ReturnLease:
+    """A generator gives prompts back unsampled (shutdown): they are re-issued, not lost."""
+
+    generator_id: int
+    lease_id: int
+    prompt_ids: list          # list[str]
+
+
+@dataclass
+class Sample:
+    tokens: np.ndarray        # int32 [L] response tokens
+    logprobs: np.ndarray      # float32 [L] behaviour log-probs under the temperature-scaled sampling dist.
+    versions: np.ndarray      # int32 [L] policy version that produced each token
+    finish_reason: str        # "stop" | "length" | "aborted"
+    reward: float
+    reward_details: dict = field(default_factory=dict)  # reason, seconds, passed_tests, ...
+
+
+@dataclass
+class RolloutGroup:
+    """All ``samples_per_prompt`` responses of one prompt; never sent half-complete."""
+
+    lease_id: int
+    prompt_id: str
+    stage: int
+    generator_id: int
+    prompt_tokens: np.ndarray  # int32 [P]
+    samples: list              # list[Sample], len == G
+    timings: dict = field(default_factory=dict)  # seconds: generate, score, ...
+
+
+@dataclass
+class WeightUpdate:
+    """Announced by learner rank 0 before it broadcasts weights on the weight group."""
+
+    version: int
+    names: list               # list[str], broadcast order
+    dtypes: list              # list[str], e.g. "float32", "bfloat16"
+    shapes: list              # list[list[int]]
+    bucket_bytes: int         # buckets are filled in order up to this many bytes (a larger tensor goes alone)
+    layout: str = "flat"      # "flat": one broadcast per bucket of concatenated bytes (torch engine);
+                              # "per_tensor": one broadcast per tensor, in order (SGLang's receive loop)
+    group_epoch: int = 0      # which WeightGroupInit this broadcast runs on (stale announcements are ignored)
+
+
+@dataclass
+class WeightGroupInit:
+    """(Re)form the weight broadcast group, e.g. after a generator restart: every live generator
+    joins the new group at ``master_address:master_port`` with its rank from ``ranks``."""
+
+    epoch: int
+    master_address: str
+    master_port: int
+    world_size: int
+    ranks: dict               # {generator_id (str): rank_offset}
+    group_name: str = "async_or1_weights"
+    backend: str = "gloo"
+
+
+@dataclass
+class Heartbeat:
+    generator_id: int
+    version: int
+    time: float
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class Shutdown:
+    reason: str = ""
+
+
+MESSAGE_TYPES = (Prompt, LeaseRequest, PromptLease, ReturnLease, Sample, RolloutGroup, WeightUpdate, WeightGroupInit,
+                 Heartbeat, Shutdown)
