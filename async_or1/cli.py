@@ -16,6 +16,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", "-c", default=None, help="YAML config (default: configs/cpu-tiny.yaml if present)")
     p.add_argument("--dry-run", action="store_true", help="print the fully resolved config and exit")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algo.clip_high=0.265 schedule.0.steps=10")
 
 
@@ -115,7 +116,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from async_or1.launch import train
 
-    return train(cfg, resume=args.resume)
+    return train(cfg, resume=args.resume, overwrite=args.overwrite)
 
 
 def cmd_config(args: argparse.Namespace) -> int:

@@ -129,6 +129,8 @@ class GenerationConfig:
     sglang_mem_fraction: float = _f(0.85, "SGLang mem_fraction_static.")
     sglang_tp_size: int = _f(1, "SGLang tensor-parallel size per engine.")
     seed: int = _f(0, "Sampling seed base; generator i uses seed + i.")
+    max_restarts: int = _f(3, "A generator process that dies is restarted (its leased prompts re-issued) up to "
+                              "this many times before the run stops.")
 
 
 @dataclass
@@ -177,7 +179,9 @@ class EvalConfig:
     every_steps: int = _f(0, "Evaluate on data.eval_files every N steps (0: only before and after training).")
     k: int = _f(4, "Samples per problem for avg@k during training-time evaluation.")
     max_problems: int = _f(200, "Held-out problems evaluated (first N).")
-    max_response_tokens: int = _f(0, "0 means the current stage's max_response_tokens.")
+    max_response_tokens: int = _f(0, "0 means the last stage's max_response_tokens.")
+    at_start_and_end: bool = _f(True, "Evaluate the initial and the final model on the held-out rows (avg@k, "
+                                      "pass@k), before the generators start and after the learner ends.")
 
 
 @dataclass
@@ -412,6 +416,11 @@ def validate(cfg: Config) -> None:
                           f"{cfg.generation.num_generators} generators")
     if cfg.learner.broadcast_every_steps < 1:
         raise ConfigError("learner.broadcast_every_steps must be >= 1")
+    if cfg.max_staleness < cfg.learner.broadcast_every_steps - 1:
+        # Generators would hold weights older than the bound allows: every group would be dropped as stale.
+        raise ConfigError(f"learner.broadcast_every_steps={cfg.learner.broadcast_every_steps} needs "
+                          f"buffer.max_staleness >= {cfg.learner.broadcast_every_steps - 1} (effective bound is "
+                          f"{cfg.max_staleness}{' in on-policy mode' if cfg.mode == 'on-policy' else ''})")
 
 
 def dump_yaml(cfg: Config) -> str:

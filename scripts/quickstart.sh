@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q torch==2.13.0 -e .
 export DS_ACCELERATOR=cpu
-async-or1 train --config configs/cpu-tiny.yaml "$@"
+async-or1 train --config configs/cpu-tiny.yaml --overwrite "$@"

@@ -1,0 +1,158 @@
+"""``async-or1 bench throughput``: the same work under on-policy and async modes, interleaved.
+
+Every run trains the same config for the same number of steps on the same resources; rounds
+alternate the modes so that machine drift hits all of them alike. From the on-policy run's
+measured phase times comes the analytic ceiling of the async speedup,
+``(T_gen + T_train) / max(T_gen, T_train)``: perfect overlap of generation and training.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def run_summary(rows: list[dict], skip_first: int = 1) -> dict[str, Any]:
+    """Throughput numbers of one run's metrics rows (training rows only).
+
+    The first ``skip_first`` steps are left out of the rates: they include process start-up,
+    model loading and the first weight group, which are not what the modes differ in."""
+    rows = [r for r in rows if not r.get("eval")]
+    if len(rows) <= skip_first:
+        raise ValueError(f"need more than {skip_first} training steps, got {len(rows)}")
+    timed = rows[skip_first:]
+    span = rows[-1]["time_s"] - rows[skip_first - 1]["time_s"] if skip_first else rows[-1]["time_s"]
+    tokens = sum(r["trained_tokens"] for r in timed)
+    ph = lambda k: float(np.mean([r.get("phase_s", {}).get(k, 0.0) for r in timed]))  # noqa: E731
+    return {
+        "steps": len(rows),
+        "tokens_per_s": tokens / span if span > 0 else 0.0,
+        "steps_per_s": len(timed) / span if span > 0 else 0.0,
+        "gen_idle_frac": float(np.mean([r["gen_idle_frac"] for r in timed])),
+        "learner_idle_frac": float(np.mean([r["learner_idle_frac"] for r in timed])),
+        "staleness_mean": float(np.mean([r["staleness_mean"] for r in timed])),
+        "dropped_stale": int(sum(r.get("dropped_stale", 0) for r in rows)),
+        "t_wait_s": ph("wait"),
+        "t_train_s": ph("train") + ph("broadcast") + ph("log") + ph("checkpoint"),
+        "reward_curve": [[round(r["time_s"], 3), r["reward_mean"]] for r in rows],
+    }
+
+
+def speedup_bound(t_gen: float, t_train: float) -> float:
+    """Ceiling of the async speedup when generation (T_gen) and training (T_train) overlap perfectly."""
+    return (t_gen + t_train) / max(t_gen, t_train, 1e-12)
+
+
+def time_to_reward(curve: list, threshold: float, window: int = 3) -> float | None:
+    """Wall seconds until the moving average of the step reward first reaches ``threshold``."""
+    if not curve:
+        return None
+    t = np.array([c[0] for c in curve])
+    r = np.array([c[1] for c in curve])
+    w = min(window, len(r))
+    ma = np.convolve(r, np.ones(w) / w, mode="valid")
+    hit = np.nonzero(ma >= threshold)[0]
+    return float(t[hit[0] + w - 1]) if len(hit) else None
+
+
+def _read_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def main(config: str, modes: str, max_staleness: str, steps: int, repeats: int, out: str,
+         overrides: list[str] | None = None) -> int:
+    from async_or1.config import load_config
+    from async_or1.launch import train
+
+    variants = []
+    for mode in [m.strip() for m in modes.split(",") if m.strip()]:
+        if mode == "on-policy":
+            variants.append(("on-policy", 0))
+        elif mode == "async":
+            variants += [("async", int(e)) for e in max_staleness.split(",") if e.strip()]
+        else:
+            raise SystemExit(f"--modes: unknown mode {mode!r} (on-policy, async)")
+    results = []
+    for rep in range(repeats):
+        order = variants if rep % 2 == 0 else variants[::-1]  # interleave: alternate the order per round
+        for mode, eta in order:
+            name = f"bench-{mode}-eta{eta}-r{rep}"
+            cfg = load_config(config, list(overrides or []) + [
+                f"name={name}", "output_dir=runs/bench", f"mode={mode}", f"buffer.max_staleness={eta}",
+                "eval.at_start_and_end=false", "log.plots=false", "log.tensorboard=false",
+                f"learner.checkpoint_every_steps=0"])
+            for i in range(len(cfg.stages)):
+                cfg.stages[i].steps = steps if i == 0 else 0
+            cfg.schedule = [cfg.stages[0]]
+            t0 = time.time()
+            rc = train(cfg, overwrite=True)
+            if rc != 0:
+                raise SystemExit(f"bench run {name} failed with exit code {rc}; see {cfg.run_dir / 'logs'}")
+            summ = run_summary(_read_rows(cfg.run_dir))
+            results.append({"mode": mode, "max_staleness": eta, "repeat": rep, "wall_s": round(time.time() - t0, 1),
+                            **summ})
+            print(f"bench: {mode} η={eta} round {rep}: {summ['tokens_per_s']:.0f} tok/s, "
+                  f"{summ['steps_per_s']:.3f} steps/s, gen idle {summ['gen_idle_frac']:.0%}, "
+                  f"learner idle {summ['learner_idle_frac']:.0%}", flush=True)
+    report = summarize(results)
+    report["config"] = config
+    report["steps"] = steps
+    report["overrides"] = list(overrides or [])
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(report, indent=1))
+    try:
+        from async_or1.plots import plot_throughput
+
+        plot_throughput(out_path, out_path.with_suffix(".png"))
+    except ImportError:
+        pass
+    print(one_line(report))
+    return 0
+
+
+def summarize(results: list[dict]) -> dict:
+    """Average repeats per variant, the bound from on-policy phase times, and the ratios."""
+    by: dict[tuple, list] = {}
+    for r in results:
+        by.setdefault((r["mode"], r["max_staleness"]), []).append(r)
+    runs = []
+    for (mode, eta), rs in by.items():
+        avg = {k: float(np.mean([r[k] for r in rs])) for k in
+               ("tokens_per_s", "steps_per_s", "gen_idle_frac", "learner_idle_frac", "staleness_mean",
+                "t_wait_s", "t_train_s")}
+        runs.append({"mode": mode, "max_staleness": eta, "repeats": len(rs), **avg,
+                     "reward_curve": rs[0]["reward_curve"]})
+    report: dict[str, Any] = {"runs": runs, "raw": results}
+    onp = [r for r in runs if r["mode"] == "on-policy"]
+    if onp:
+        base = onp[0]
+        bound = speedup_bound(base["t_wait_s"], base["t_train_s"])
+        report["bound"] = bound
+        finals = [np.mean([c[1] for c in r["reward_curve"][-3:]]) for r in runs]
+        threshold = 0.9 * float(min(finals)) if finals else 0.0
+        report["reward_threshold"] = threshold
+        t_base = time_to_reward(base["reward_curve"], threshold)
+        for r in runs:
+            r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else None
+            r["speedup_vs_bound"] = r["speedup"] / bound if r["speedup"] else None
+            t = time_to_reward(r["reward_curve"], threshold)
+            r["time_to_reward_s"] = t
+            r["time_to_reward_vs_on_policy"] = (t / t_base) if (t is not None and t_base) else None
+    return report
+
+
+def one_line(report: dict) -> str:
+    parts = []
+    for r in report["runs"]:
+        tag = "on-policy" if r["mode"] == "on-policy" else f"async η={r['max_staleness']}"
+        s = f"{tag} {r['tokens_per_s']:.0f} tok/s"
+        if r.get("speedup") is not None and r["mode"] != "on-policy":
+            s += f" ({r['speedup']:.2f}x, {r['speedup_vs_bound']:.2f} of bound)"
+        parts.append(s)
+    bound = report.get("bound")
+    return "throughput: " + "; ".join(parts) + (f"; bound {bound:.2f}x" if bound else "")

@@ -1,0 +1,64 @@
+"""Pure pieces of the orchestration: CPU sets, throughput arithmetic, staleness of a batch."""
+
+import numpy as np
+import pytest
+
+from async_or1.bench_throughput import run_summary, speedup_bound, summarize, time_to_reward
+from async_or1.launch_spec import child_env, parse_cpu_set
+
+
+def test_parse_cpu_set():
+    assert parse_cpu_set("0") == {0}
+    assert parse_cpu_set("0-3") == {0, 1, 2, 3}
+    assert parse_cpu_set("0,2-3") == {0, 2, 3}
+    with pytest.raises(ValueError):
+        parse_cpu_set("")
+
+
+def test_child_env_pins_cpu_and_gpu(monkeypatch):
+    monkeypatch.delenv("ASYNC_OR1_CPUS", raising=False)
+    env = child_env("1-2", "cpu")
+    assert env["ASYNC_OR1_CPUS"] == "1,2" and env["OMP_NUM_THREADS"] == "2"
+    env = child_env("4,5", "cuda")
+    assert env["CUDA_VISIBLE_DEVICES"] == "4,5"
+    assert "ASYNC_OR1_CPUS" not in env
+
+
+def test_speedup_bound_hand_values():
+    # T_gen 3 s, T_train 1 s: serial 4 s per step, overlapped 3 s → 4/3.
+    assert speedup_bound(3.0, 1.0) == pytest.approx(4 / 3)
+    assert speedup_bound(2.0, 2.0) == pytest.approx(2.0)
+
+
+def test_time_to_reward_moving_average():
+    curve = [[1, 0.0], [2, 0.3], [3, 0.6], [4, 0.9], [5, 0.9]]
+    # moving average of 3: [0.3, 0.6, 0.8]; reaches 0.6 at the 2nd window, which ends at t=4
+    assert time_to_reward(curve, 0.6) == 4
+    assert time_to_reward(curve, 0.95) is None
+
+
+def _rows(times, tokens, wait, train):
+    return [{"step": i, "time_s": t, "trained_tokens": n, "gen_idle_frac": 0.5, "learner_idle_frac": 0.25,
+             "staleness_mean": 0.5, "reward_mean": 0.1 * i, "phase_s": {"wait": wait, "train": train}}
+            for i, (t, n) in enumerate(zip(times, tokens))]
+
+
+def test_run_summary_skips_start_up_step():
+    rows = _rows([10.0, 12.0, 14.0], [999, 100, 100], wait=1.0, train=1.0)
+    s = run_summary(rows)
+    assert s["tokens_per_s"] == pytest.approx(200 / 4.0)
+    assert s["steps_per_s"] == pytest.approx(2 / 4.0)
+    assert s["t_wait_s"] == 1.0 and s["t_train_s"] == 1.0
+
+
+def test_summarize_ratios_against_on_policy():
+    onp = {"mode": "on-policy", "max_staleness": 0, "repeat": 0,
+           **run_summary(_rows([0, 4, 8, 12], [0, 100, 100, 100], wait=3.0, train=1.0))}
+    asy = {"mode": "async", "max_staleness": 1, "repeat": 0,
+           **run_summary(_rows([0, 3, 6, 9], [0, 100, 100, 100], wait=0.1, train=1.0))}
+    rep = summarize([onp, asy])
+    assert rep["bound"] == pytest.approx(4 / 3)
+    a = [r for r in rep["runs"] if r["mode"] == "async"][0]
+    assert a["speedup"] == pytest.approx((300 / 9) / (300 / 12))
+    assert a["speedup_vs_bound"] == pytest.approx(a["speedup"] / (4 / 3))
+    assert np.isfinite(a["time_to_reward_vs_on_policy"])
