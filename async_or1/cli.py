@@ -17,6 +17,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the fully resolved config and exit")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
+    p.add_argument("--role", choices=["all", "learner", "generator"], default="all",
+                   help="multi-node runs: start only the learner (under torchrun/deepspeed) or one generator here")
+    p.add_argument("--generator-id", type=int, default=None, help="with --role generator")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algo.clip_high=0.265 schedule.0.steps=10")
 
 
@@ -114,6 +117,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dump_yaml(cfg), end="")
         return 0
+    if args.role != "all":
+        from async_or1.launch import run_role
+
+        return run_role(cfg, args.role, args.generator_id, args.resume)
     from async_or1.launch import train
 
     return train(cfg, resume=args.resume, overwrite=args.overwrite)

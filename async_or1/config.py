@@ -162,6 +162,9 @@ class BufferConfig:
 
 @dataclass
 class TransportConfig:
+    kind: Literal["zmq", "inproc"] = _f("zmq", "'zmq': generators and learner ranks are processes talking over "
+        "ZeroMQ, weights over torch.distributed. 'inproc': the whole loop in one process (learner on the main "
+        "thread, generators on threads, queues and shared memory) to step through under a debugger.")
     host: str = _f("127.0.0.1", "Address the learner binds its sockets to (use 0.0.0.0 or a NIC address for "
                                 "generators on other nodes).")
     learner_address: str = _f("127.0.0.1", "Address generators connect to.")

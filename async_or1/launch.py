@@ -1,0 +1,296 @@
+"""``async-or1 train``: one command starts and supervises everything from one config.
+
+    evaluate (before) → spawn M learner ranks + N generators on split device pools
+    → supervise (restart dead generators; a dead learner stops the run) → evaluate (after) → plots
+
+Children run in their own sessions, so Ctrl-C reaches only this supervisor, which stops them
+in order: learners first (they checkpoint and tell the generators to stop), then generators.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("async_or1.launch")
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list
+    env: dict
+    log_path: Path
+    stdout_to_terminal: bool = False
+    proc: Any = None
+    restarts: int = 0
+    _files: list = field(default_factory=list)
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        err = self.log_path.open("a")
+        out = None if self.stdout_to_terminal else err
+        self._files = [err]
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=err, start_new_session=True)
+
+    def poll(self) -> int | None:
+        return self.proc.poll() if self.proc else None
+
+    def signal(self, sig: int) -> None:
+        if self.proc and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def resolve_inputs(cfg: Any) -> dict:
+    """Model, tokenizer and data paths; the embedded default is built (once) here."""
+    model = cfg.model.path
+    train_files, eval_files = list(cfg.data.train_files), list(cfg.data.eval_files)
+    if model == "embedded":
+        from async_or1.embedded import ensure_embedded
+
+        paths = ensure_embedded()
+        model = str(paths.model)
+        train_files = train_files or [str(paths.train)]
+        eval_files = eval_files or [str(paths.heldout)]
+    if not Path(model).is_dir():
+        raise SystemExit(f"model.path: {model} is not a local directory (download the checkpoint first; "
+                         "nothing is fetched at run time)")
+    if not train_files:
+        raise SystemExit("data.train_files is empty: give parquet or JSONL files in the Skywork-OR1-RL-Data layout")
+    return {"model_path": model, "tokenizer_path": cfg.model.tokenizer_path or model,
+            "train_files": train_files, "eval_files": eval_files}
+
+
+def build_spec(cfg: Any, inputs: dict, run_dir: Path) -> dict:
+    from async_or1.config import to_dict
+    from async_or1.launch_spec import device_kind, free_port
+
+    kind = device_kind()
+    host = cfg.transport.host
+    zmq_port = cfg.transport.port or free_port(host)
+    return {
+        "config": to_dict(cfg), "run_dir": str(run_dir), **inputs,
+        "zmq_port": zmq_port,
+        "address": f"tcp://{cfg.transport.learner_address}:{zmq_port}",
+        "weights_host": cfg.transport.learner_address,
+        "weights_port": cfg.transport.weights_port or free_port(host),
+        "weights_backend": "nccl" if kind == "cuda" else "gloo",
+        "weights_layout": "per_tensor" if cfg.generation.engine == "sglang" else "flat",
+        "learner_backend": "nccl" if kind == "cuda" else "gloo",
+        "learner_master_port": free_port("127.0.0.1"),
+        "device_kind": kind,
+        "generator_devices": list(cfg.generation.devices),
+        "learner_devices": list(cfg.learner.devices),
+    }
+
+
+def make_children(cfg: Any, spec: dict, spec_path: Path, run_dir: Path, resume: bool) -> tuple[list, list]:
+    from async_or1.launch_spec import child_env
+
+    py = sys.executable
+    world = max(1, len(cfg.learner.devices))
+    learners = []
+    for r in range(world):
+        env = child_env(cfg.learner.devices[r] if cfg.learner.devices else None, spec["device_kind"])
+        env.update({"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(spec["learner_master_port"]), "LOCAL_WORLD_SIZE": str(world)})
+        if spec["device_kind"] == "cpu":
+            env.setdefault("DS_ACCELERATOR", "cpu")
+        argv = [py, "-m", "async_or1.learner.loop", "--spec", str(spec_path)] + (["--resume"] if resume else [])
+        learners.append(Child(f"learner rank {r}", argv, env, run_dir / "logs" / f"learner_{r}.log",
+                              stdout_to_terminal=(r == 0)))
+    gens = []
+    for g in range(cfg.generation.num_generators):
+        env = child_env(cfg.generation.devices[g] if cfg.generation.devices else None, spec["device_kind"])
+        argv = [py, "-m", "async_or1.generation.worker", "--spec", str(spec_path), "--generator-id", str(g)]
+        gens.append(Child(f"generator {g}", argv, env, run_dir / "logs" / f"generator_{g}.log"))
+    return learners, gens
+
+
+def supervise(learners: list, gens: list, max_restarts: int) -> int:
+    """Run until learner rank 0 exits. Returns its exit code (or 130 on Ctrl-C)."""
+    try:
+        while True:
+            time.sleep(0.5)
+            for ch in learners:
+                rc = ch.poll()
+                if rc is not None and rc != 0:
+                    print(f"async-or1: {ch.name} died with exit code {rc}; stopping the run. Last log lines "
+                          f"({ch.log_path}):\n{ch.tail()}\nContinue it with --resume.", file=sys.stderr)
+                    _stop_all(learners, gens)
+                    return rc
+            if learners[0].poll() == 0:
+                for ch in learners[1:]:
+                    ch.wait(60)
+                for ch in gens:  # they were told to stop by the learner; give them a moment
+                    if ch.wait(30) is None:
+                        ch.signal(signal.SIGTERM)
+                        ch.wait(10)
+                return 0
+            for ch in gens:
+                rc = ch.poll()
+                if rc is None or rc == 0:
+                    continue
+                if ch.restarts >= max_restarts:
+                    print(f"async-or1: {ch.name} died (exit {rc}) {ch.restarts + 1} times; stopping the run. "
+                          f"Last log lines ({ch.log_path}):\n{ch.tail()}", file=sys.stderr)
+                    _stop_all(learners, gens)
+                    return 1
+                ch.restarts += 1
+                print(f"async-or1: {ch.name} died (exit {rc}); restarting it ({ch.restarts}/{max_restarts}); "
+                      f"its prompts are re-issued. Log: {ch.log_path}", file=sys.stderr)
+                ch.start()
+    except KeyboardInterrupt:
+        print("async-or1: interrupted; stopping (learners checkpoint first). Continue with --resume.",
+              file=sys.stderr)
+        _stop_all(learners, gens)
+        return 130
+
+
+def _stop_all(learners: list, gens: list) -> None:
+    for ch in learners:
+        ch.signal(signal.SIGTERM)
+    for ch in learners:
+        if ch.wait(120) is None:
+            ch.signal(signal.SIGKILL)
+    for ch in gens:
+        ch.signal(signal.SIGTERM)
+    for ch in gens:
+        if ch.wait(30) is None:
+            ch.signal(signal.SIGKILL)
+
+
+def run_eval(cfg: Any, model_path: str, eval_files: list, label: str, step: int, run_dir: Path) -> dict | None:
+    """avg@k / pass@k on the held-out rows; appended to metrics.jsonl as an eval row."""
+    if not eval_files or cfg.eval.k <= 0 or not cfg.eval.at_start_and_end:
+        return None
+    from async_or1.eval import evaluate_path
+
+    t0 = time.perf_counter()
+    max_tokens = cfg.eval.max_response_tokens or cfg.stages[-1].max_response_tokens
+    res = evaluate_path(model_path, eval_files, k=cfg.eval.k, temperature=cfg.algo.temperature,
+                        max_response_tokens=max_tokens, max_problems=cfg.eval.max_problems,
+                        workers=cfg.rewards.workers, seed=cfg.seed, require_think=cfg.rewards.require_think,
+                        out_dir=run_dir / f"eval_{label}")
+    row = {"eval": True, "label": label, "step": step, "avg_at_k": res.avg_at_k,
+           "pass_at_k": {str(k): v for k, v in res.pass_at_k.items()}, "k": cfg.eval.k,
+           "seconds": round(time.perf_counter() - t0, 2)}
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"eval ({label}, step {step}): avg@{cfg.eval.k} = {res.avg_at_k:.3f}  "
+          + "  ".join(f"pass@{k} = {v:.3f}" for k, v in res.pass_at_k.items()), flush=True)
+    return row
+
+
+def _run_processes(cfg: Any, spec: dict, spec_path: Path, run_dir: Path, resume: bool) -> int:
+    learners, gens = make_children(cfg, spec, spec_path, run_dir, resume)
+    print(f"async-or1: run {run_dir}: {len(learners)} learner rank(s) on {cfg.learner.devices or 'any'}, "
+          f"{len(gens)} generator(s) on {cfg.generation.devices or 'any'}, mode {cfg.mode} "
+          f"(max_staleness {cfg.max_staleness}); logs in {run_dir / 'logs'}", flush=True)
+    for ch in learners + gens:
+        ch.start()
+    return supervise(learners, gens, cfg.generation.max_restarts)
+
+
+def run_role(cfg: Any, role: str, generator_id: int | None, resume: bool) -> int:
+    """One part of a multi-node run, started by the user (or a cluster scheduler) on each node:
+    ``learner`` under torchrun/deepspeed (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from it),
+    ``generator`` with its id. Both sides derive the same addresses from the config alone, so the
+    ports must be fixed there (transport.port, transport.weights_port) and transport.learner_address
+    must be the learner rank 0 node's address."""
+    from async_or1.launch_spec import apply_process_pinning, write_spec
+
+    if not (cfg.transport.port and cfg.transport.weights_port):
+        raise SystemExit("--role needs fixed ports: set transport.port and transport.weights_port (non-zero)")
+    logging.basicConfig(level=logging.INFO, format=f"[{role}] %(asctime)s %(message)s")
+    inputs = resolve_inputs(cfg)
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = build_spec(cfg, inputs, run_dir)
+    apply_process_pinning()
+    if role == "learner":
+        from async_or1.learner import loop
+
+        return loop.run(spec, resume)
+    if generator_id is None:
+        raise SystemExit("--role generator needs --generator-id")
+    spec_path = run_dir / f"launch_generator_{generator_id}.json"
+    write_spec(spec_path, spec)
+    from async_or1.generation import worker
+
+    return worker.main(["--spec", str(spec_path), "--generator-id", str(generator_id)])
+
+
+def train(cfg: Any, resume: bool = False, overwrite: bool = False) -> int:
+    from async_or1.config import dump_yaml
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    run_dir = cfg.run_dir
+    if run_dir.exists() and any(run_dir.iterdir()) and not (resume or overwrite):
+        raise SystemExit(f"{run_dir} already holds a run: continue it with --resume, replace it with --overwrite, "
+                         f"or pick another name= ")
+    if overwrite and not resume and run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    inputs = resolve_inputs(cfg)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    before = None if resume else run_eval(cfg, inputs["model_path"], inputs["eval_files"], "before", 0, run_dir)
+
+    from async_or1.launch_spec import write_spec
+
+    spec = build_spec(cfg, inputs, run_dir)
+    spec_path = run_dir / "launch.json"
+    write_spec(spec_path, spec)
+    t_train = time.time()
+    if cfg.transport.kind == "inproc":
+        from async_or1.inprocess import run_inprocess
+
+        print(f"async-or1: run {run_dir} in one process (transport.kind=inproc), mode {cfg.mode}", flush=True)
+        rc = run_inprocess(cfg, spec, resume)
+    else:
+        rc = _run_processes(cfg, spec, spec_path, run_dir, resume)
+    train_s = time.time() - t_train
+    if rc != 0:
+        return rc
+    after = run_eval(cfg, str(run_dir / "final"), inputs["eval_files"], "after", cfg.total_steps, run_dir)
+    summary = {"run_dir": str(run_dir), "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1),
+               "eval_before": before, "eval_after": after}
+    if before and after:
+        summary["heldout_gain_points"] = round(100 * (after["avg_at_k"] - before["avg_at_k"]), 2)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if cfg.log.plots:
+        from async_or1.plots import plot_run
+
+        pngs = plot_run(run_dir)
+        print(f"plots: {', '.join(str(p) for p in pngs)}")
+    if before and after:
+        print(f"held-out avg@{cfg.eval.k}: {before['avg_at_k']:.3f} → {after['avg_at_k']:.3f} "
+              f"({summary['heldout_gain_points']:+.1f} points) in {summary['total_seconds']:.0f} s "
+              f"({train_s:.0f} s training)")
+    return 0
