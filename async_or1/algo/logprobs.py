@@ -24,6 +24,11 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return z / temperature
 
 
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_v a[i, v]·b[i, v] per row as a batched matmul: no third [c, V] buffer."""
+    return (a[:, None, :] @ b[:, :, None]).view(-1)
+
+
 class _ChunkedLogprobEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, chunk):  # noqa: D401
@@ -31,11 +36,11 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         logp = hidden.new_empty(n, dtype=_acc_dtype(hidden))
         ent = hidden.new_empty(n, dtype=_acc_dtype(hidden))
         for s in range(0, n, chunk):
+            # In place, two [c, V] buffers at most: z becomes log p, then p·log p.
             z = _chunk_logits(hidden[s:s + chunk], weight, bias, temperature)  # [c, V]
-            lse = torch.logsumexp(z, dim=-1)  # [c]
-            logp[s:s + chunk] = z.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse
-            p = torch.softmax(z, dim=-1)
-            ent[s:s + chunk] = lse - (p * z).sum(-1)
+            z -= torch.logsumexp(z, dim=-1, keepdim=True)  # log p
+            logp[s:s + chunk] = z.gather(1, targets[s:s + chunk, None]).squeeze(1)
+            ent[s:s + chunk] = -_rowdot(z.exp(), z)
         ctx.save_for_backward(hidden, weight, bias if bias is not None else hidden.new_empty(0), targets)
         ctx.has_bias, ctx.temperature, ctx.chunk = bias is not None, temperature, chunk
         return logp, ent
@@ -54,18 +59,19 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         g_ent = torch.zeros(n, device=hidden.device, dtype=dt) if g_ent is None else g_ent.to(dt)
         for s in range(0, n, chunk):
             h = hidden[s:s + chunk]
-            z = _chunk_logits(h, weight, bias, T)  # [c, V]
-            logp_all = torch.log_softmax(z, dim=-1)
+            logp_all = _chunk_logits(h, weight, bias, T)  # [c, V]
+            logp_all -= torch.logsumexp(logp_all, dim=-1, keepdim=True)
             p = logp_all.exp()
-            H = -(p * logp_all).sum(-1, keepdim=True)  # [c, 1]
-            # d logp_t / dz = onehot(t) − p ;  dH/dz = −p (log p + H)
-            gz = -p * (g_logp[s:s + chunk, None] + g_ent[s:s + chunk, None] * (logp_all + H))
+            H = -_rowdot(p, logp_all)[:, None]  # [c, 1]
+            # d logp_t / dz = onehot(t) − p ;  dH/dz = −p (log p + H); built in place in two buffers
+            gz = p.mul_(logp_all.add_(H).mul_(g_ent[s:s + chunk, None]).add_(g_logp[s:s + chunk, None])).neg_()
+            del logp_all
             gz.scatter_add_(1, targets[s:s + chunk, None], g_logp[s:s + chunk, None])
-            gz = gz / T  # through z = (hW^T + b) / T
+            gz.div_(T)  # through z = (hW^T + b) / T
             if g_h is not None:
                 g_h[s:s + chunk] = gz @ weight.to(dt)
             if g_w is not None:
-                g_w += gz.t() @ h.to(dt)
+                g_w.addmm_(gz.t(), h.to(dt))  # no [V, H] temporary
             if g_b is not None:
                 g_b += gz.sum(0)
         return (g_h.to(hidden.dtype) if g_h is not None else None,

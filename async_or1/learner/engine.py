@@ -1,0 +1,267 @@
+"""LearnerEngine: the DeepSpeed (ZeRO 0-3) wrapper the training loop drives.
+
+One call of ``train_step`` is one optimizer step over a variable number of micro-batches. The
+micro-batch count must be equal on every rank (``packing.shard_for_ranks`` pads with empty ones):
+ZeRO-2/3 communicate in every backward/forward, so a rank running fewer passes hangs the rest.
+
+Loss scale: each micro-batch's loss is Σ_tokens / T_global (``policy_loss(num_tokens=T_global)``)
+times ``world_size``, because DeepSpeed *averages* gradients over data-parallel ranks; the
+result is the gradient of Σ over every token of the step / T_global, whatever the split.
+
+Log-probs never materialise [B, L, V] logits: the model runs to its final hidden states, the
+scored positions are gathered, and ``algo.logprobs_and_entropy`` computes chunked log-softmax
+against the output-embedding weight. That weight is used outside ``lm_head.forward``, which under
+ZeRO-3 leaves it partitioned; it is registered as an external parameter of ``_LogprobHead`` so
+DeepSpeed gathers it around that module's forward and backward (``register_external_parameter``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from async_or1.learner.packing import MicroBatch
+
+log = logging.getLogger("async_or1.learner")
+
+
+class _LogprobHead(nn.Module):
+    """Owns no parameters; computes log-probs/entropy of gathered hidden states against the output
+    embedding. A module (not a function) so ZeRO-3 has a forward to gather the weight around."""
+
+    def __init__(self, output_embedding: nn.Module, temperature: float, chunk_tokens: int) -> None:
+        super().__init__()
+        object.__setattr__(self, "_out", output_embedding)  # a reference, not a child: no duplicate names
+        self.temperature, self.chunk_tokens = temperature, chunk_tokens
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from async_or1.algo import logprobs_and_entropy
+
+        return logprobs_and_entropy(hidden, self._out.weight, targets, temperature=self.temperature,
+                                    chunk_tokens=self.chunk_tokens, bias=getattr(self._out, "bias", None))
+
+
+class _Policy(nn.Module):
+    """What DeepSpeed wraps: HF model (``.hf``) + log-prob head. forward → logp, entropy [N]."""
+
+    def __init__(self, hf: nn.Module, temperature: float, chunk_tokens: int) -> None:
+        super().__init__()
+        self.hf = hf
+        self.head = _LogprobHead(hf.get_output_embeddings(), temperature, chunk_tokens)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
+                cols: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.hf.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = out.last_hidden_state  # [B, L, H] after the final norm
+        return self.head(hidden[rows, cols], targets)  # [N], [N]
+
+
+def deepspeed_config(cfg: Any, world_size: int) -> dict:
+    lc = cfg.learner
+    ds: dict = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,  # accumulation boundaries are set by hand in train_step
+        "train_batch_size": world_size,
+        "gradient_clipping": float(lc.grad_clip),
+        "optimizer": {"type": "AdamW", "params": {"lr": float(lc.lr), "betas": [float(b) for b in lc.betas],
+                                                  "eps": 1e-8, "weight_decay": float(lc.weight_decay),
+                                                  "torch_adam": True}},  # plain torch AdamW: no op builds
+        "zero_optimization": {"stage": int(lc.zero_stage)},
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "fp16": {"enabled": cfg.model.dtype == "float16"},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if int(lc.zero_stage) == 3:
+        ds["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False})
+    return ds
+
+
+class LearnerEngine:
+    """One learner rank. Construct inside a process whose default process group is initialised."""
+
+    def __init__(self, cfg: Any, model_path: str) -> None:
+        import deepspeed
+        import torch.distributed as dist
+        from transformers import AutoModelForCausalLM
+
+        if not dist.is_initialized():
+            raise RuntimeError("LearnerEngine: the default process group is not initialised; call "
+                               "deepspeed.init_distributed() first")
+        if cfg.learner.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"learner.zero_stage must be 0-3, got {cfg.learner.zero_stage}")
+        if cfg.algo.kl_coef:
+            raise ValueError("algo.kl_coef > 0 needs a reference model, which LearnerEngine does not load; "
+                             "set algo.kl_coef=0 (the MAGIC default)")
+        self.cfg = cfg
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.zero_stage = int(cfg.learner.zero_stage)
+        self.dtype = getattr(torch, cfg.model.dtype)
+        hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype,
+                                                  trust_remote_code=cfg.model.trust_remote_code)
+        hf.config.use_cache = False
+        if cfg.learner.gradient_checkpointing:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf.train()
+        policy = _Policy(hf, cfg.algo.temperature, cfg.learner.logprob_chunk_tokens)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=policy, model_parameters=[p for p in policy.parameters() if p.requires_grad],
+            config=deepspeed_config(cfg, self.world_size))
+        if self.zero_stage == 3:
+            deepspeed.zero.register_external_parameter(self.engine.module.head, hf.get_output_embeddings().weight)
+        pad = getattr(hf.config, "pad_token_id", None)
+        self.pad_id = int(pad) if pad is not None else 0  # only fed to the dummy pass; any valid id works
+
+    # ---- helpers ---------------------------------------------------------------------------
+    @property
+    def hf_model(self) -> nn.Module:
+        """The Hugging Face model inside the engine (partitioned placeholders under ZeRO-3)."""
+        return self.engine.module.hf
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def _forward(self, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """logp, entropy [N] at the scored positions of ``mb`` (row-major order), and the [N]
+        boolean selector of real tokens (False only for the dummy pass of an empty micro-batch)."""
+        dev = self.device
+        if mb.size == 0:
+            # Padding micro-batch: a one-token dummy pass through the whole graph, so every rank runs
+            # the same collectives (ZeRO-3 gathers, ZeRO-2 reductions) and every parameter gets a
+            # (zero) gradient; its loss is multiplied by 0.
+            ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=dev)
+            zero = torch.zeros(1, dtype=torch.long, device=dev)
+            logp, ent = self.engine(ids, torch.ones_like(ids), zero, zero, ids.reshape(-1))
+            return logp, ent, torch.zeros(1, dtype=torch.bool, device=dev)
+        sel = mb.loss_mask.to(dev) > 0  # [B, L]
+        rows, cols = sel.nonzero(as_tuple=True)  # [N], [N]
+        logp, ent = self.engine(mb.input_ids.to(dev), mb.attention_mask.to(dev), rows, cols,
+                                mb.targets.to(dev)[rows, cols])
+        return logp, ent, torch.ones_like(rows, dtype=torch.bool)
+
+    # ---- public API --------------------------------------------------------------------------
+    @torch.no_grad()
+    def compute_logprobs(self, micro_batches: list[MicroBatch]) -> list[torch.Tensor]:
+        """Per-sample log-probs (float32 [R_b], CPU) under the current weights, in micro-batch then
+        row order. Collective under ZeRO-3: every rank must call it with the same micro-batch count."""
+        out: list[torch.Tensor] = []
+        for mb in micro_batches:
+            logp, _, _ = self._forward(mb)
+            if mb.size == 0:
+                continue
+            logp = logp.float().cpu()
+            k = 0
+            for r in mb.response_lengths:
+                out.append(logp[k:k + r].clone())
+                k += r
+        return out
+
+    def train_step(self, micro_batches: list[MicroBatch], *, num_tokens_global: int, entropy_coef: float = 0.0,
+                   clip_low: float | None = None, clip_high: float | None = None, correction: str | None = None,
+                   tis_cap: float | None = None, kl_coef: float | None = None) -> dict:
+        """One optimizer step over ``micro_batches``; collective over learner ranks.
+
+        Returns stats SUMMED OVER ALL RANKS (all-reduced here): token_count, entropy_sum, ratio_sum,
+        clip_low_count, clip_high_count, loss (the step's loss, Σ tokens / T_global), micro_batches,
+        plus grad_norm (global, before clipping). Unset knobs come from ``cfg.algo``.
+
+        ``correction``: 'none' ratios against the behaviour log-probs; 'tis' / 'decoupled' ratio
+        against ``mb.old_logprobs`` (proximal, from ``compute_logprobs``) or, when absent, against
+        the detached log-probs of this very forward pass — the same pre-update weights, since a
+        train_step is exactly one optimizer step — with the truncated weight
+        min(π_prox/π_behav, tis_cap) applied by ``policy_loss``."""
+        import torch.distributed as dist
+
+        from async_or1.algo import policy_loss
+
+        a = self.cfg.algo
+        clip_low = a.clip_low if clip_low is None else clip_low
+        clip_high = a.clip_high if clip_high is None else clip_high
+        correction = a.correction if correction is None else correction
+        tis_cap = a.tis_cap if tis_cap is None else tis_cap
+        if (a.kl_coef if kl_coef is None else kl_coef):
+            raise ValueError("LearnerEngine.train_step: kl_coef > 0 needs reference log-probs (not supported)")
+        if correction not in ("none", "tis", "decoupled"):
+            raise ValueError(f"LearnerEngine.train_step: unknown correction {correction!r}")
+        mbs = list(micro_batches) or [_empty()]
+        t_global = max(int(num_tokens_global), 1)
+        dev = self.device
+        acc = torch.zeros(6, dtype=torch.float64, device=dev)  # tokens, entropy, ratio, clip_lo, clip_hi, loss
+        for k, mb in enumerate(mbs):
+            self.engine.set_gradient_accumulation_boundary(k == len(mbs) - 1)
+            logp, ent, real = self._forward(mb)
+            if mb.size == 0:
+                loss = (logp.sum() + ent.sum()) * 0.0
+            else:
+                sel = mb.loss_mask.to(dev) > 0
+                behav = mb.behavior_logprobs.to(dev)[sel].float()  # [N]
+                adv = mb.advantages.to(dev)[sel].float()  # [N]
+                if correction == "none":
+                    old, extra = behav, {}
+                else:
+                    old = mb.old_logprobs.to(dev)[sel].float() if mb.old_logprobs is not None else logp.detach().float()
+                    extra = {"behavior_logprobs": behav[None], "tis_cap": tis_cap}
+                loss, _ = policy_loss(logp.float()[None], old[None], adv[None], torch.ones_like(adv)[None],
+                                      clip_low=clip_low, clip_high=clip_high, entropy=ent.float()[None],
+                                      entropy_coef=float(entropy_coef), num_tokens=t_global, **extra)
+                with torch.no_grad():
+                    ratio = torch.exp(logp.detach().float() - old)
+                    acc += torch.stack([adv.new_tensor(float(adv.numel())), ent.detach().float().sum(), ratio.sum(),
+                                        ((ratio < 1 - clip_low) & (adv < 0)).sum().float(),
+                                        ((ratio > 1 + clip_high) & (adv > 0)).sum().float(),
+                                        loss.detach().float()]).double()
+            # × world_size: DeepSpeed averages gradients over ranks; we want Σ over all tokens / T.
+            self.engine.backward(loss * self.world_size)
+        manual_norm = self._grad_norm() if self.zero_stage == 0 else None
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = manual_norm if norm is None else float(norm)
+        dist.all_reduce(acc)
+        tokens, ent_sum, ratio_sum, lo, hi, loss_sum = acc.tolist()
+        return {"token_count": int(round(tokens)), "entropy_sum": ent_sum, "ratio_sum": ratio_sum,
+                "clip_low_count": int(round(lo)), "clip_high_count": int(round(hi)), "loss": loss_sum,
+                "grad_norm": norm, "micro_batches": len(mbs)}
+
+    def _grad_norm(self) -> float:
+        """Global L2 norm of the (already all-reduced, identical on every rank) ZeRO-0 gradients;
+        DeepSpeed records none for an fp32 torch optimizer without ZeRO."""
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in self.engine.module.parameters():
+            if p.grad is not None:
+                sq += p.grad.detach().double().pow(2).sum()
+        return float(sq.sqrt())
+
+    # ---- weights and checkpoints (collective on every learner rank) ------------------------------
+    def full_state_iter(self, bucket_bytes: int = 256 << 20) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full tensor) in ``hf_model.named_parameters()`` order (HF names; a tied output
+        embedding appears once, under its input-embedding name, as in the generator's model).
+        Yields only on rank 0; every rank must exhaust it (ZeRO-3 gathers are collective)."""
+        from async_or1.learner.checkpoint import full_state_iter
+
+        return full_state_iter(self.hf_model, zero_stage=self.zero_stage, rank=self.rank, bucket_bytes=bucket_bytes)
+
+    def save_checkpoint(self, path: str | os.PathLike, client_state: dict) -> None:
+        from async_or1.learner.checkpoint import save_checkpoint
+
+        save_checkpoint(self.engine, path, client_state, rank=self.rank)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> dict:
+        from async_or1.learner.checkpoint import load_checkpoint
+
+        return load_checkpoint(self.engine, path)
+
+    def save_hf(self, path: str | os.PathLike, tokenizer: Any = None) -> None:
+        from async_or1.learner.checkpoint import save_hf
+
+        save_hf(self.hf_model, path, zero_stage=self.zero_stage, rank=self.rank, tokenizer=tokenizer)
+
+
+def _empty() -> MicroBatch:
+    from async_or1.learner.packing import empty_micro_batch
+
+    return empty_micro_batch()

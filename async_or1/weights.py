@@ -1,0 +1,361 @@
+"""The weight broadcast group: learner rank 0 sends versioned, bucketed weights to generators.
+
+Rendezvous mirrors SGLang's ``init_weights_update_group`` (checked against two SGLang source
+snapshots: the 0.4-era ``ModelRunner.init_weights_update_group`` calling
+``sglang.srt.utils.init_custom_process_group``, and 2025 main, where the same call lives in the
+weight-updater mixin with groups keyed by name): a ``tcp://addr:port`` rendezvous whose TCPStore
+server lives on rank 0 (the learner), the store wrapped in ``PrefixStore(group_name, ...)``, then a
+``world_size`` process group on that store named ``group_name``, independent of the default group.
+An SGLang engine's rank is ``rank_offset + tp_rank``. (The 0.4-era receiver ends its init with
+``dist.barrier(group)``; a learner talking to that version must barrier once on the group too.)
+
+Two wire layouts (``messages.WeightUpdate.layout``):
+
+- ``"per_tensor"``: one ``broadcast(src=0)`` per tensor, in ``names`` order, each in its own dtype
+  and shape: what SGLang's ``update_weights_from_distributed(names, dtypes, shapes, group_name)``
+  receives (``torch.empty(shape, dtype)`` + ``broadcast(src=0)`` per name, default load format).
+- ``"flat"``: our engines; a small int64 header, then per bucket one broadcast of the bucket's
+  bytes (uint8, tensors at 16-byte aligned offsets so typed views need no realignment). The header
+  makes a receiver that was announced a different update fail loudly instead of loading someone
+  else's bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from datetime import timedelta
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from async_or1.transport.messages import WeightUpdate
+
+LAYOUTS = ("flat", "per_tensor")
+_ALIGN = 16          # bytes; keeps every tensor's offset divisible by any element size
+_HEADER_LEN = 4      # int64: version, group_epoch, n_tensors, total payload bytes
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8,
+           "int8": torch.int8, "bool": torch.bool}
+
+# Groups this process created, by name: re-forming a group (generator restart → new epoch, same name)
+# must first destroy the old one, because torch refuses two live groups with one name.
+_GROUPS: dict[str, Any] = {}
+
+
+def dtype_of(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"weights: unsupported dtype string {name!r} (known: {sorted(_DTYPES)})")
+    return _DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# ---------------------------------------------------------------------------------------------
+# the group
+# ---------------------------------------------------------------------------------------------
+
+def init_weight_group(master_address: str, master_port: int, rank: int, world_size: int,
+                      group_name: str = "async_or1_weights", backend: str = "gloo",
+                      timeout_s: float = 600.0) -> Any:
+    """Join (rank 0: host) the broadcast group; blocks until all ``world_size`` ranks joined.
+
+    Does not touch the default process group: the learner's DeepSpeed ranks keep theirs."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"weights: rank {rank} outside world_size {world_size}")
+    if not group_name:
+        raise ValueError("weights: group_name must be non-empty (it prefixes the rendezvous store keys)")
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"weights: backend must be 'gloo' or 'nccl', got {backend!r}")
+    old = _GROUPS.pop(group_name, None)
+    if old is not None:
+        destroy_weight_group(old)
+    timeout = timedelta(seconds=timeout_s)
+    # Public rendezvous: for tcp:// rank 0 starts the TCPStore server, the others connect to it.
+    host = f"[{master_address}]" if ":" in master_address and not master_address.startswith("[") else master_address
+    store, rank, world_size = next(dist.rendezvous(f"tcp://{host}:{master_port}", rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    store = dist.PrefixStore(group_name, store)
+    pg = _group_on_store(store, rank, world_size, backend, group_name, timeout)
+    _GROUPS[group_name] = pg
+    return pg
+
+
+def _group_on_store(store: Any, rank: int, world_size: int, backend: str, group_name: str,
+                    timeout: timedelta) -> Any:
+    """A standalone process group on ``store``.
+
+    The one private-API use in this package, and unavoidable: ``dist.new_group`` only carves
+    subgroups out of the default group (whose members are the learner ranks, not the generators),
+    and ``init_process_group`` would *be* the default group. ``_new_process_group_helper`` with no
+    global ranks builds a group from its own store, which is what SGLang/verl/OpenRLHF do; using the
+    same helper keeps our store key layout identical to SGLang's, so the rendezvous interoperates.
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    pg, _ = c10d._new_process_group_helper(world_size, rank, [], dist.Backend(backend), store,
+                                           group_name=group_name, backend_options=None, timeout=timeout)
+    # Identity rank map so ``broadcast(src=0, group=pg)`` (SGLang's receive call) resolves src 0 to
+    # this group's rank 0 whatever this process's rank in the default group is.
+    c10d._world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    return pg
+
+
+def destroy_weight_group(group: Any) -> None:
+    """Tear a weight group down (before re-forming it); never touches the default group."""
+    for name, pg in list(_GROUPS.items()):
+        if pg is group:
+            del _GROUPS[name]
+    try:
+        dist.destroy_process_group(group)
+    except (ValueError, RuntimeError):
+        pass  # already gone (e.g. a peer died mid-broadcast and the backend aborted)
+
+
+def _comm_device(group: Any) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan (shared, deterministic, pure)
+# ---------------------------------------------------------------------------------------------
+
+def plan_update(version: int, names: list[str], dtypes: list[str], shapes: list, bucket_bytes: int,
+                layout: str = "flat", group_epoch: int = 0) -> WeightUpdate:
+    if not (len(names) == len(dtypes) == len(shapes)):
+        raise ValueError(f"weights.plan_update: {len(names)} names, {len(dtypes)} dtypes, {len(shapes)} shapes")
+    if len(set(names)) != len(names):
+        raise ValueError("weights.plan_update: duplicate tensor names")
+    if layout not in LAYOUTS:
+        raise ValueError(f"weights.plan_update: layout {layout!r} not in {LAYOUTS}")
+    if bucket_bytes <= 0:
+        raise ValueError(f"weights.plan_update: bucket_bytes must be > 0, got {bucket_bytes}")
+    for n, d in zip(names, dtypes):
+        try:
+            dtype_of(d)
+        except ValueError as e:
+            raise ValueError(f"weights.plan_update: tensor {n!r}: {e}") from None
+    return WeightUpdate(version=int(version), names=list(names), dtypes=list(dtypes),
+                        shapes=[[int(s) for s in sh] for sh in shapes], bucket_bytes=int(bucket_bytes),
+                        layout=layout, group_epoch=int(group_epoch))
+
+
+def _nbytes(dtype: str, shape: list) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n * dtype_of(dtype).itemsize
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def plan_buckets(update: WeightUpdate) -> list[list[int]]:
+    """Tensor indices per bucket, in order; a bucket holds up to ``bucket_bytes`` (aligned sizes),
+    a tensor larger than that goes alone. Sender and receivers call this on the same message."""
+    buckets: list[list[int]] = []
+    cur: list[int] = []
+    used = 0
+    for i, (d, sh) in enumerate(zip(update.dtypes, update.shapes)):
+        size = _aligned(_nbytes(d, sh))
+        if cur and used + size > update.bucket_bytes:
+            buckets.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += size
+    if cur:
+        buckets.append(cur)
+    return buckets
+
+
+def _offsets(update: WeightUpdate, bucket: list[int]) -> tuple[list[int], int]:
+    offs, pos = [], 0
+    for i in bucket:
+        offs.append(pos)
+        pos += _aligned(_nbytes(update.dtypes[i], update.shapes[i]))
+    return offs, pos
+
+
+def _header(update: WeightUpdate, device: torch.device) -> torch.Tensor:
+    total = sum(_nbytes(d, s) for d, s in zip(update.dtypes, update.shapes))
+    return torch.tensor([update.version, update.group_epoch, len(update.names), total], dtype=torch.int64,
+                        device=device)  # [4]
+
+
+# ---------------------------------------------------------------------------------------------
+# send / receive
+# ---------------------------------------------------------------------------------------------
+
+def _check_tensors(update: WeightUpdate, tensors: list) -> None:
+    if len(tensors) != len(update.names):
+        raise ValueError(f"weights.send_weights: {len(tensors)} tensors for {len(update.names)} announced names")
+    for n, d, sh, t in zip(update.names, update.dtypes, update.shapes, tensors):
+        if dtype_name(t.dtype) != d or list(t.shape) != list(sh):
+            raise ValueError(f"weights.send_weights: tensor {n!r} is {dtype_name(t.dtype)}{list(t.shape)}, "
+                             f"the update announced {d}{list(sh)}")
+
+
+def _bytes_of(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t.detach().to(device).contiguous().reshape(-1).view(torch.uint8)  # [nbytes]
+
+
+# Staging buffers of the flat layout, reused across buckets and calls: a fresh multi-hundred-MB
+# buffer per bucket costs more in page faults than the broadcast itself on CPU. Two slots so that
+# filling bucket k+1 overlaps the broadcast of bucket k. Bounded by 2 x bucket_bytes per device.
+_STAGING: dict[tuple[str, int], torch.Tensor] = {}
+
+
+def _staging(device: torch.device, slot: int, size: int) -> torch.Tensor:
+    key = (str(device), slot)
+    buf = _STAGING.get(key)
+    if buf is None or buf.numel() < size:
+        _STAGING.pop(key, None)
+        buf = _STAGING[key] = torch.empty(size, dtype=torch.uint8, device=device)
+    return buf[:size]
+
+
+def release_buffers() -> None:
+    """Free the cached staging buffers (e.g. before a memory-hungry phase)."""
+    _STAGING.clear()
+
+
+def send_weights(group: Any, update: WeightUpdate, tensors: list) -> dict:
+    """Rank 0: broadcast ``tensors`` (in ``update.names`` order) as planned; returns timing stats."""
+    _check_tensors(update, tensors)
+    device = _comm_device(group)
+    t0 = time.perf_counter()
+    buckets = plan_buckets(update)
+    pending: deque = deque()  # outstanding async broadcasts, oldest first
+    if update.layout == "flat":
+        dist.broadcast(_header(update, device), group=group, group_src=0)
+        for k, bucket in enumerate(buckets):
+            # At most one broadcast in flight while the next bucket is filled: staging slot k % 2 was
+            # last read by bucket k-2, which is then done, and device copies of lone tensors (e.g.
+            # CUDA → CPU for gloo) stay bounded.
+            while len(pending) > 1:
+                pending.popleft().wait()
+            if len(bucket) == 1:  # a lone tensor goes straight from its own bytes, no copy
+                buf = _bytes_of(tensors[bucket[0]], device)
+            else:
+                offs, size = _offsets(update, bucket)
+                buf = _staging(device, k % 2, size)  # [bucket bytes]
+                for i, off in zip(bucket, offs):
+                    b = _bytes_of(tensors[i], device)
+                    buf[off:off + b.numel()].copy_(b)
+            pending.append(dist.broadcast(buf, group=group, group_src=0, async_op=True))
+        n_bcast = len(buckets)
+    else:
+        for bucket in buckets:
+            # async within a bucket so the backend can pipeline; waiting per bucket bounds the
+            # device copies alive at once to one bucket.
+            pending.extend(dist.broadcast(tensors[i].detach().to(device).contiguous(), group=group, group_src=0,
+                                          async_op=True) for i in bucket)
+            while pending:
+                pending.popleft().wait()
+        n_bcast = len(update.names)
+    while pending:
+        pending.popleft().wait()
+    seconds = time.perf_counter() - t0
+    total = sum(_nbytes(d, s) for d, s in zip(update.dtypes, update.shapes))
+    return {"version": update.version, "bytes": total, "buckets": len(buckets), "broadcasts": n_bcast,
+            "seconds": seconds, "gb_per_s": total / max(seconds, 1e-9) / 1e9, "layout": update.layout}
+
+
+def _destinations(update: WeightUpdate, bucket: list[int], into: dict | None, out_dev: torch.device) -> list:
+    """Where each tensor of a bucket ends up: the caller's tensor, or a fresh one it will own."""
+    dest = []
+    for i in bucket:
+        name, dt, sh = update.names[i], dtype_of(update.dtypes[i]), update.shapes[i]
+        if into is None:
+            dest.append(torch.empty(sh, dtype=dt, device=out_dev))
+            continue
+        t = into.get(name)
+        if t is None:
+            raise KeyError(f"weights.recv_weights: announced tensor {name!r} is not in `into`")
+        if t.dtype != dt or list(t.shape) != list(sh):
+            raise ValueError(f"weights.recv_weights: {name!r} is {dtype_name(t.dtype)}{list(t.shape)} in `into`, "
+                             f"the update announced {dtype_name(dt)}{list(sh)}")
+        dest.append(t)
+    return dest
+
+
+def _landable(t: torch.Tensor, comm: torch.device) -> bool:
+    return t.device == comm and t.is_contiguous()
+
+
+def recv_weights(group: Any, update: WeightUpdate, device: str = "cpu", *,
+                 into: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every other rank: yields ``(name, tensor)`` in order as buckets arrive.
+
+    Without ``into`` each yielded tensor is a fresh tensor on ``device`` that the caller owns (copy
+    it into the model, or keep it). With ``into`` ({name: destination}, e.g. the engine's own
+    parameters) the bytes land in those tensors — directly when they are contiguous on the
+    communication device, else through a reused staging buffer — and the destination itself is
+    yielded: no allocation per update. Either way the iterator must be consumed to the end (the
+    broadcasts are collective)."""
+    comm = _comm_device(group)
+    out_dev = torch.device(device)
+    if update.layout == "flat":
+        hdr = torch.empty(_HEADER_LEN, dtype=torch.int64, device=comm)  # [4]
+        dist.broadcast(hdr, group=group, group_src=0)
+        want = _header(update, comm)
+        if not torch.equal(hdr, want):
+            raise RuntimeError(f"weights.recv_weights: sender announced (version, epoch, n_tensors, bytes) = "
+                               f"{hdr.tolist()} but this receiver was told {want.tolist()}; the weight group "
+                               f"is out of step")
+        yield from _recv_flat(group, update, comm, out_dev, into)
+    elif update.layout == "per_tensor":
+        for bucket in plan_buckets(update):
+            dest = _destinations(update, bucket, into, out_dev)
+            wire = [t if _landable(t, comm) else torch.empty(t.shape, dtype=t.dtype, device=comm) for t in dest]
+            work = [dist.broadcast(w, group=group, group_src=0, async_op=True) for w in wire]
+            for w in work:
+                w.wait()
+            for i, d, w in zip(bucket, dest, wire):
+                if w is not d:
+                    with torch.no_grad():
+                        d.copy_(w)
+                yield update.names[i], d
+    else:
+        raise ValueError(f"weights.recv_weights: layout {update.layout!r} not in {LAYOUTS}")
+
+
+def _post_flat(group: Any, update: WeightUpdate, bucket: list[int], slot: int, comm: torch.device,
+               into: dict | None, out_dev: torch.device):
+    """Start receiving one bucket: (async work, destinations, staging buffer or None if direct)."""
+    dest = _destinations(update, bucket, into, out_dev)
+    if len(dest) == 1 and _landable(dest[0], comm):
+        return dist.broadcast(dest[0].reshape(-1).view(torch.uint8), group=group, group_src=0,
+                              async_op=True), dest, None
+    _, size = _offsets(update, bucket)
+    buf = _staging(comm, 2 + slot, size)  # [bucket bytes]; receiver slots apart from the sender's
+    return dist.broadcast(buf, group=group, group_src=0, async_op=True), dest, buf
+
+
+def _recv_flat(group: Any, update: WeightUpdate, comm: torch.device, out_dev: torch.device,
+               into: dict | None) -> Iterator[tuple[str, torch.Tensor]]:
+    buckets = plan_buckets(update)
+    if not buckets:
+        return
+    # One bucket ahead: bucket k+1 arrives while bucket k is copied out. Staging slot (k+1) % 2 last
+    # held bucket k-1, which was copied out before this post.
+    pending = _post_flat(group, update, buckets[0], 0, comm, into, out_dev)
+    for k, bucket in enumerate(buckets):
+        work, dest, buf = pending
+        work.wait()
+        if k + 1 < len(buckets):
+            pending = _post_flat(group, update, buckets[k + 1], (k + 1) % 2, comm, into, out_dev)
+        if buf is not None:
+            offs, _ = _offsets(update, bucket)
+            with torch.no_grad():
+                for i, off, d in zip(bucket, offs, dest):
+                    d.copy_(buf[off:off + _nbytes(update.dtypes[i], update.shapes[i])]
+                            .view(dtype_of(update.dtypes[i])).reshape(update.shapes[i]))
+        for i, d in zip(bucket, dest):
+            yield update.names[i], d
