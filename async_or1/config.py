@@ -192,6 +192,10 @@ class LogConfig:
     tensorboard: bool = _f(True, "Write TensorBoard events next to metrics.jsonl.")
     print_every_steps: int = _f(1, "Terminal progress line every N steps.")
     plots: bool = _f(True, "Write PNG plots at the end of a run.")
+    weight_fingerprints: bool = _f(False, "After every broadcast, hash the weights on learner rank 0 and on each "
+                                          "generator (SHA-1 of the raw bytes) and record both in "
+                                          "learner_summary.json, proving the copies are bit-identical. Costs one "
+                                          "pass over the weights on each side; meant for tests and debugging.")
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Wire messages between generators and the learner (msgpack, explicit schema version).
 
 Arrays travel as raw little-endian buffers with dtype and shape, never as lists of floats.
-The dataclasses below are the schema; ``encode``/``decode`` are the only way on or off the wire.
+The dataclasses below are the schema; ``encode``/``decode`` (implemented in ``codec.py``,
+importable from here) are the only way on or off the wire.
 """
 
 from __future__ import annotations
@@ -12,6 +13,21 @@ from typing import Any
 import numpy as np
 
 SCHEMA_VERSION = 1
+
+
+class WireError(ValueError):
+    """A frame that is not a valid message of this schema. ``kind`` says which stats counter it
+    belongs to: "malformed" (bad bytes, missing/extra/mistyped field), "oversized" (over the
+    byte limit) or "schema" (another schema version, or a type name this schema does not know).
+    ``where`` is the field path, e.g. "RolloutGroup.samples[3].logprobs"."""
+
+    def __init__(self, reason: str, kind: str = "malformed", where: str = "") -> None:
+        super().__init__(f"{where}: {reason}" if where else reason)
+        self.reason, self.kind, self.where = reason, kind, where
+
+    def under(self, part: str) -> WireError:
+        """The same error seen from one level up (paths are built only when something fails)."""
+        return WireError(self.reason, self.kind, part + self.where)
 
 
 @dataclass
@@ -118,3 +134,12 @@ class Shutdown:
 
 MESSAGE_TYPES = (Prompt, LeaseRequest, PromptLease, ReturnLease, Sample, RolloutGroup, WeightUpdate, WeightGroupInit,
                  Heartbeat, Shutdown)
+
+
+def __getattr__(name: str) -> Any:
+    # encode/decode live in codec.py (which imports this module); resolved lazily to avoid a cycle.
+    if name in ("encode", "decode"):
+        from async_or1.transport import codec
+
+        return getattr(codec, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

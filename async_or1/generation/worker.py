@@ -1,0 +1,310 @@
+"""The generator process: one loop of named, timed phases.
+
+    lease prompts → generate G responses per prompt → score them → send one group per prompt
+
+Weights arrive while it works: between decode steps (``weight_update: in_flight``) or
+after the current batch (``between_requests``). Every token carries the version of the
+weights that produced it, so the learner can bound staleness honestly either way.
+
+A group is sent whole or not at all: on shutdown (a Shutdown message or SIGTERM) the
+prompts of an unfinished lease go back to the learner with a ReturnLease and are re-issued.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+log = logging.getLogger("async_or1.generator")
+
+
+class GeneratorWorker:
+    """Composition of an engine, an endpoint and a reward pool; ``run()`` is the whole loop.
+
+    ``receive_weights(update)`` loads the broadcast announced by a WeightUpdate; by default
+    the engine's own (torch.distributed group), in-process runs pass a closure instead."""
+
+    def __init__(self, *, generator_id: int, engine: Any, endpoint: Any, rewards: Any, tokenizer: Any,
+                 temperature: float, top_p: float, top_k: int, prompts_per_lease: int,
+                 weight_update: str = "in_flight", heartbeat_s: float = 5.0, seed: int = 0,
+                 receive_weights: Callable[[Any], None] | None = None,
+                 join_weight_group: Callable[[Any], None] | None = None, fingerprint: bool = False) -> None:
+        from async_or1.timing import Phases
+
+        self.gid = generator_id
+        self.engine, self.endpoint, self.rewards, self.tokenizer = engine, endpoint, rewards, tokenizer
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        self.prompts_per_lease = prompts_per_lease
+        self.in_flight = weight_update == "in_flight"
+        self.heartbeat_s = heartbeat_s
+        self.seed = seed
+        self.receive_weights = receive_weights or engine.update_weights
+        self.join_weight_group = join_weight_group
+        self.phases = Phases()
+        self.stopping = False
+        self.incarnation = f"{os.getpid()}-{time.time():.6f}"
+        self._pending_weights: list = []
+        self._lease = None
+        self._generating = False
+        self._last_heartbeat = 0.0
+        self._started = time.perf_counter()
+        self.groups_sent = 0
+        self.tokens_generated = 0
+        self.weight_group_epoch = 0
+        self.fingerprint = fingerprint
+        self._fp: tuple[int, str] | None = None
+
+    # ---- messages ------------------------------------------------------------------
+    def _handle(self, msg: Any) -> None:
+        from async_or1.transport import messages as m
+
+        if isinstance(msg, m.WeightUpdate):
+            if msg.group_epoch != self.weight_group_epoch:
+                log.warning("gen %d: ignoring weight update v%d for group epoch %d (mine: %d)",
+                            self.gid, msg.version, msg.group_epoch, self.weight_group_epoch)
+            elif self._generating and not self.in_flight:
+                self._pending_weights.append(msg)
+            else:
+                self._load_weights(msg)
+        elif isinstance(msg, m.WeightGroupInit):
+            if self.join_weight_group is None:
+                raise RuntimeError("WeightGroupInit received but this worker has no weight group")
+            with self.phases("weights"):
+                self.join_weight_group(msg)
+            self.weight_group_epoch = msg.epoch
+        elif isinstance(msg, m.PromptLease):
+            self._lease = msg
+        elif isinstance(msg, m.Shutdown):
+            log.info("gen %d: shutdown (%s)", self.gid, msg.reason)
+            self.stopping = True
+        else:
+            log.warning("gen %d: unexpected message %s", self.gid, type(msg).__name__)
+
+    def _load_weights(self, update: Any) -> None:
+        with self.phases("weights"):
+            self.receive_weights(update)
+        log.debug("gen %d: now at version %d", self.gid, update.version)
+        if self.fingerprint:
+            from async_or1.fingerprint import weights_fingerprint
+
+            state = self.engine.model.state_dict()
+            self._fp = (update.version, weights_fingerprint((n, state[n]) for n in update.names))
+            self._last_heartbeat = 0.0  # report it now
+
+    def poll(self, timeout_s: float = 0.0) -> None:
+        """Handle every message waiting now (and wait up to ``timeout_s`` for the first)."""
+        msg = self.endpoint.recv(timeout_s)
+        while msg is not None:
+            self._handle(msg)
+            msg = self.endpoint.recv(0.0)
+        self._maybe_heartbeat()
+
+    def _maybe_heartbeat(self) -> None:
+        from async_or1.transport import messages as m
+
+        now = time.perf_counter()
+        if now - self._last_heartbeat < self.heartbeat_s:
+            return
+        self._last_heartbeat = now
+        life = self.phases.lifetime
+        stats = {"incarnation": self.incarnation, "idle_s": life.get("idle", 0.0), "wall_s": now - self._started,
+                 "groups_sent": self.groups_sent, "tokens_generated": self.tokens_generated}
+        if self._fp is not None:
+            stats["weights_version"], stats["weights_fp"] = self._fp
+        self.endpoint.send(m.Heartbeat(generator_id=self.gid, version=int(self.engine.version), time=time.time(),
+                                       stats=stats))
+
+    # ---- phases --------------------------------------------------------------------
+    def lease(self) -> Any | None:
+        """Ask for prompts and wait (idle) until they come and our weights are recent enough."""
+        from async_or1.transport import messages as m
+
+        with self.phases("idle"):
+            self._lease = None
+            self.endpoint.send(m.LeaseRequest(generator_id=self.gid, max_prompts=self.prompts_per_lease))
+            self._last_heartbeat = 0.0  # the learner learns our incarnation with the first request
+            self._maybe_heartbeat()
+            while self._lease is None and not self.stopping:
+                self.poll(0.05)
+            lease = self._lease
+            if lease is None or lease.done:
+                return None
+            # The learner wants these prompts sampled by weights at least this new (on-policy: exactly
+            # the version being trained next); the broadcast that brings them is already on its way.
+            while self.engine.version < lease.min_version and not self.stopping:
+                self.poll(0.05)
+        if self.stopping:
+            self._return(lease)
+            return None
+        return lease
+
+    def generate(self, lease: Any) -> list | None:
+        from async_or1.generation.engine import GenRequest, SamplingParams
+
+        stop_ids = [t for t in {getattr(self.tokenizer, "eos_token_id", None)} if t is not None]
+        requests = []
+        for p in lease.prompts:
+            params = SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                                    max_new_tokens=int(p.max_response_tokens), stop_token_ids=stop_ids)
+            ids = [int(t) for t in p.token_ids]
+            requests += [GenRequest(f"{p.prompt_id}/{i}", ids, params) for i in range(p.samples_per_prompt)]
+
+        def between_steps() -> None:
+            self.poll(0.0)
+            if self.stopping and hasattr(self.engine, "abort"):
+                self.engine.abort()
+
+        with self.phases("generate"):
+            self._generating = True
+            try:
+                results = self.engine.generate(requests, between_steps=between_steps)
+            finally:
+                self._generating = False
+        for update in self._pending_weights:
+            self._load_weights(update)
+        self._pending_weights.clear()
+        if self.stopping or any(r.finish_reason == "aborted" for r in results):
+            self._return(lease)
+            return None
+        self.tokens_generated += sum(len(r.tokens) for r in results)
+        return results
+
+    def score(self, lease: Any, results: list) -> list:
+        with self.phases("score"):
+            eos = getattr(self.tokenizer, "eos_token_id", None)
+            items, k = [], 0
+            for p in lease.prompts:
+                for _ in range(p.samples_per_prompt):
+                    toks = results[k].tokens
+                    if toks and toks[-1] == eos:
+                        toks = toks[:-1]
+                    items.append((p.ability, self.tokenizer.decode(toks, skip_special_tokens=False), p.ground_truth))
+                    k += 1
+            return self.rewards.score(items)
+
+    def send(self, lease: Any, results: list, scores: list, timings: dict) -> None:
+        import numpy as np
+
+        from async_or1.transport import messages as m
+
+        with self.phases("send"):
+            k = 0
+            for p in lease.prompts:
+                samples = []
+                for _ in range(p.samples_per_prompt):
+                    r, s = results[k], scores[k]
+                    samples.append(m.Sample(tokens=np.asarray(r.tokens, dtype=np.int32),
+                                            logprobs=np.asarray(r.logprobs, dtype=np.float32),
+                                            versions=np.asarray(r.versions, dtype=np.int32),
+                                            finish_reason=r.finish_reason, reward=float(s.reward),
+                                            reward_details={"reason": s.reason, "seconds": round(s.seconds, 4),
+                                                            "correct": bool(s.correct)}))
+                    k += 1
+                self.endpoint.send(m.RolloutGroup(lease_id=lease.lease_id, prompt_id=p.prompt_id, stage=p.stage,
+                                                  generator_id=self.gid,
+                                                  prompt_tokens=np.asarray(p.token_ids, dtype=np.int32),
+                                                  samples=samples, timings=timings))
+                self.groups_sent += 1
+
+    def _return(self, lease: Any) -> None:
+        from async_or1.transport import messages as m
+
+        self.endpoint.send(m.ReturnLease(generator_id=self.gid, lease_id=lease.lease_id,
+                                         prompt_ids=[p.prompt_id for p in lease.prompts]))
+
+    # ---- the loop ------------------------------------------------------------------
+    def run(self) -> None:
+        while not self.stopping:
+            lease = self.lease()
+            if lease is None:
+                break
+            results = self.generate(lease)
+            if results is None:
+                break
+            scores = self.score(lease, results)
+            timings = {k: round(v, 4) for k, v in self.phases.take().items()}
+            self.send(lease, results, scores, timings)
+        self._last_heartbeat = 0.0
+        self._maybe_heartbeat()
+        log.info("gen %d: stopped after %d groups", self.gid, self.groups_sent)
+
+
+# ---------------------------------------------------------------------------
+# process entry point (spawned by launch.py)
+# ---------------------------------------------------------------------------
+
+def build_engine(cfg: Any, model_path: str, generator_id: int) -> Any:
+    if cfg.generation.engine == "sglang":
+        from async_or1.generation.sglang_engine import SGLangEngine
+
+        return SGLangEngine(model_path, mem_fraction_static=cfg.generation.sglang_mem_fraction,
+                            tp_size=cfg.generation.sglang_tp_size, seed=cfg.generation.seed + generator_id)
+    from async_or1.generation.torch_engine import TorchEngine
+
+    return TorchEngine(model_path, dtype=cfg.model.dtype, max_batch_size=cfg.generation.max_batch_size,
+                       seed=cfg.generation.seed + generator_id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="async_or1.generation.worker")
+    ap.add_argument("--spec", required=True, help="launch spec JSON written by async-or1 train")
+    ap.add_argument("--generator-id", type=int, required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"[gen {args.generator_id}] %(asctime)s %(message)s")
+    with open(args.spec) as f:
+        spec = json.load(f)
+
+    from async_or1.config import config_from_dict
+    from async_or1.launch_spec import apply_process_pinning
+
+    cfg = config_from_dict(spec["config"])
+    apply_process_pinning(spec["generator_devices"][args.generator_id] if spec["generator_devices"] else None)
+
+    from transformers import AutoTokenizer
+
+    from async_or1.generation.engine import WeightGroupSpec
+    from async_or1.rewards.pool import RewardPool
+    from async_or1.transport.zmq import ZmqGeneratorEndpoint
+
+    engine = build_engine(cfg, spec["model_path"], args.generator_id)
+    tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer_path"])
+    endpoint = ZmqGeneratorEndpoint(spec["address"], args.generator_id,
+                                    max_message_bytes=cfg.transport.max_message_mb << 20,
+                                    hwm=cfg.transport.high_water_mark)
+
+    def join(msg: Any) -> None:
+        engine.init_weight_group(WeightGroupSpec(master_address=msg.master_address, master_port=msg.master_port,
+                                                 rank_offset=int(msg.ranks[str(args.generator_id)]),
+                                                 world_size=msg.world_size, group_name=msg.group_name,
+                                                 backend=msg.backend))
+
+    rc = cfg.rewards
+    with RewardPool(workers=rc.workers, math_timeout_s=rc.math_timeout_s, code_timeout_s=rc.code_timeout_s,
+                    code_memory_mb=rc.code_memory_mb, require_think=rc.require_think) as rewards:
+        worker = GeneratorWorker(generator_id=args.generator_id, engine=engine, endpoint=endpoint, rewards=rewards,
+                                 tokenizer=tokenizer, temperature=cfg.algo.temperature, top_p=cfg.algo.top_p,
+                                 top_k=cfg.algo.top_k, prompts_per_lease=cfg.generation.prompts_per_lease,
+                                 weight_update=cfg.generation.weight_update, heartbeat_s=cfg.transport.heartbeat_s,
+                                 seed=cfg.generation.seed, join_weight_group=join,
+                                 fingerprint=cfg.log.weight_fingerprints)
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            worker.stopping = True
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+        # The first weight group is announced by the learner like any later one (epoch ≥ 1), so a
+        # restarted generator joins exactly the way the first one did.
+        worker.run()
+    endpoint.close()
+    engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

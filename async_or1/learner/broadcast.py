@@ -1,0 +1,114 @@
+"""How new weights leave learner rank 0: two channels with one method, ``send``.
+
+- ``GroupChannel``: the torch.distributed broadcast group shared with generator processes
+  (gloo on CPU, NCCL on GPU), announced over the wire and re-formed after a generator restart.
+- ``InprocChannel``: the in-process debug mode; the generator thread copies from memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+log = logging.getLogger("async_or1.learner")
+
+
+class GroupChannel:
+    def __init__(self, controller: Any, *, host: str, first_port: int, backend: str, layout: str,
+                 num_generators: int, bucket_bytes: int, timeout_s: float, fingerprint: bool = False) -> None:
+        self.controller = controller
+        self.fingerprint = fingerprint
+        self.sent_fingerprints: dict[int, str] = {}
+        self.host, self.first_port, self.backend, self.layout = host, first_port, backend, layout
+        self.num_generators = num_generators
+        self.bucket_bytes = bucket_bytes
+        self.timeout_s = timeout_s
+        self.group = None
+        self.epoch = 0
+        self.broken = True  # no group yet
+
+    def _form(self) -> None:
+        """Announce the group on the wire, then join as rank 0 (blocks until every generator joins)."""
+        from async_or1.launch_spec import free_port
+        from async_or1.transport import messages as m
+        from async_or1.weights import init_weight_group
+
+        self.epoch += 1
+        port = self.first_port if self.epoch == 1 else free_port(self.host)
+        world = 1 + self.num_generators
+        ranks = {str(g): 1 + g for g in range(self.num_generators)}
+        self.controller.post(m.WeightGroupInit(epoch=self.epoch, master_address=self.host, master_port=port,
+                                               world_size=world, ranks=ranks, backend=self.backend))
+        self.controller.flush()
+        self.group = init_weight_group(self.host, port, 0, world, backend=self.backend, timeout_s=self.timeout_s)
+        self.broken = False
+        log.info("weight group epoch %d formed with %d generator(s)", self.epoch, world - 1)
+
+    def send(self, version: int, names: list, tensors: list) -> bool:
+        """Broadcast ``tensors`` as ``version``; False when no complete group exists right now (the
+        generators get the next broadcast after the group is re-formed)."""
+        from async_or1.weights import plan_update, send_weights
+
+        if self.broken:
+            if len(self.controller.alive_generators()) < self.num_generators:
+                return False
+            self._form()
+        update = plan_update(version, names, [str(t.dtype).replace("torch.", "") for t in tensors],
+                             [list(t.shape) for t in tensors], self.bucket_bytes, layout=self.layout,
+                             group_epoch=self.epoch)
+        self.controller.post(update)
+        self.controller.flush()
+        if self.fingerprint:
+            from async_or1.fingerprint import weights_fingerprint
+
+            self.sent_fingerprints[version] = weights_fingerprint(zip(names, tensors))
+        try:
+            send_weights(self.group, update, tensors)
+        except Exception as e:  # a generator died mid-broadcast: re-form once it is back
+            log.error("weight broadcast v%d failed (%s); the group is re-formed when all generators are up",
+                      version, e)
+            self.broken = True
+            return False
+        return True
+
+
+class WeightStore:
+    """Latest published weights, shared between threads of one process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._version = -1
+        self._tensors: dict = {}
+
+    def publish(self, version: int, named: dict) -> None:
+        with self._lock:
+            self._version, self._tensors = version, named
+
+    def get(self, version: int) -> list:
+        with self._lock:
+            if self._version != version:
+                raise RuntimeError(f"in-process weights: asked for v{version}, store holds v{self._version}")
+            return list(self._tensors.items())
+
+
+class InprocChannel:
+    def __init__(self, controller: Any, store: WeightStore, fingerprint: bool = False) -> None:
+        self.controller, self.store = controller, store
+        self.fingerprint = fingerprint
+        self.sent_fingerprints: dict[int, str] = {}
+
+    def send(self, version: int, names: list, tensors: list) -> bool:
+        from async_or1.transport import messages as m
+
+        if self.fingerprint:
+            from async_or1.fingerprint import weights_fingerprint
+
+            self.sent_fingerprints[version] = weights_fingerprint(zip(names, tensors))
+        # Copies: the learner's next optimizer step must not change what the generator loads.
+        self.store.publish(version, {n: t.detach().clone() for n, t in zip(names, tensors)})
+        self.controller.post(m.WeightUpdate(version=version, names=list(names),
+                                            dtypes=[str(t.dtype).replace("torch.", "") for t in tensors],
+                                            shapes=[list(t.shape) for t in tensors], bucket_bytes=0,
+                                            layout="inproc", group_epoch=0))
+        return True

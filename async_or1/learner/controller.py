@@ -1,0 +1,287 @@
+"""The rollout controller: learner rank 0's side of the wire, on its own thread.
+
+It answers prompt-lease requests under admission control, files arriving groups into the
+replay buffer, re-issues the prompts of returned leases and of generators that died, and
+relays messages (weight announcements, shutdown) that the training thread posts.
+
+Why a thread: generators must get leases and deliver groups while the learner computes the
+loss, or asynchrony buys nothing. ZeroMQ sockets are not thread-safe, so this thread alone
+touches the endpoint; the training thread talks to it through ``post`` and the buffer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+log = logging.getLogger("async_or1.controller")
+
+
+class Controller:
+    def __init__(self, *, endpoint: Any, buffer: Any, source: Any, encode_prompt: Callable[[Any], list],
+                 stage_at: Callable[[int], tuple], num_generators: int, prompts_per_step_at: Callable[[int], int],
+                 generator_timeout_s: float = 60.0) -> None:
+        self.endpoint, self.buffer, self.source = endpoint, buffer, source
+        self.encode_prompt = encode_prompt
+        self.stage_at = stage_at
+        self.num_generators = num_generators
+        self.prompts_per_step_at = prompts_per_step_at
+        self.generator_timeout_s = generator_timeout_s
+        self.lock = threading.Lock()          # guards source, leases, generator table, version
+        self._outbox: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lease_ids = itertools.count(1)
+        self._token_cache: dict[str, Any] = {}
+        self.version = 0                      # learner version (the step being trained next)
+        self.broadcast_version = 0            # newest version the generators can hold
+        self.leasing_open = False             # set once the first weight group exists
+        self.done = False
+        self.pending: dict[str, Any] = {}     # peer -> LeaseRequest waiting for admission room
+        self.leases: dict[int, dict] = {}     # lease_id -> {"peer", "prompt_ids": set}
+        self.uid_of: dict[str, str] = {}      # prompt_id -> problem uid
+        self.gens: dict[int, dict] = {}       # generator_id -> {"peer", "incarnation", "last_seen", "idle_s", "wall_s"}
+        self.lost_generators = 0
+        self._idle_mark: dict[int, tuple[float, float]] = {}
+        self.received_fingerprints: dict[int, dict[int, str]] = {}  # generator_id -> {version: sha1}
+        self.error: BaseException | None = None
+
+    # ---- called from the training thread -----------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="rollout-controller", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def post(self, msg: Any, peer: str | None = None) -> None:
+        """Send ``msg`` to one generator, or to every known generator when ``peer`` is None."""
+        self._outbox.put((peer, msg))
+
+    def flush(self, timeout_s: float = 10.0) -> None:
+        """Block until everything posted so far has been handed to the endpoint."""
+        done = threading.Event()
+        self._outbox.put((None, done))
+        if not done.wait(timeout_s):
+            raise RuntimeError("controller thread did not flush its outbox")
+
+    def set_version(self, version: int, broadcast_version: int | None = None) -> None:
+        with self.lock:
+            self.version = version
+            if broadcast_version is not None:
+                self.broadcast_version = broadcast_version
+
+    def alive_generators(self) -> dict[int, dict]:
+        with self.lock:
+            return {g: dict(v) for g, v in self.gens.items() if v.get("alive", True)}
+
+    def wait_for_generators(self, timeout_s: float) -> dict[int, dict]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._check()
+            alive = self.alive_generators()
+            if len(alive) >= self.num_generators:
+                return alive
+            time.sleep(0.05)
+        raise TimeoutError(f"only {len(self.alive_generators())} of {self.num_generators} generators connected "
+                           f"within {timeout_s:.0f} s")
+
+    def gen_idle_frac(self) -> float:
+        """Idle share of generator wall time since the previous call (from their heartbeats)."""
+        with self.lock:
+            idle = wall = 0.0
+            for g, v in self.gens.items():
+                i0, w0 = self._idle_mark.get(g, (0.0, 0.0))
+                if v["wall_s"] >= w0:
+                    idle += v["idle_s"] - i0
+                    wall += v["wall_s"] - w0
+                self._idle_mark[g] = (v["idle_s"], v["wall_s"])
+        return idle / wall if wall > 0 else 0.0
+
+    def on_stage_start(self, stage: int) -> dict:
+        with self.lock:
+            return self.source.on_stage_start(stage) or {}
+
+    def finish(self) -> None:
+        """The schedule is over: answer every waiting request with done and tell everyone to stop."""
+        from async_or1.transport import messages as m
+
+        with self.lock:
+            self.done = True
+        self.post(m.Shutdown(reason="schedule finished"))
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"rollout controller failed: {self.error!r}") from self.error
+
+    # ---- the controller thread ---------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                got = self.endpoint.recv(0.01)
+                while got is not None:
+                    self._dispatch(*got)
+                    got = self.endpoint.recv(0.0)
+                self._drain_outbox()
+                self._grant_leases()
+                self._reap_silent()
+        except BaseException as e:  # surfaced to the training thread by _check
+            log.exception("rollout controller crashed")
+            self.error = e
+
+    def _drain_outbox(self) -> None:
+        while True:
+            try:
+                peer, msg = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(msg, threading.Event):
+                msg.set()
+            elif peer is None:
+                for v in self.alive_generators().values():
+                    self.endpoint.send(v["peer"], msg)
+            else:
+                self.endpoint.send(peer, msg)
+
+    def _dispatch(self, peer: str, msg: Any) -> None:
+        from async_or1.transport import messages as m
+
+        gid = getattr(msg, "generator_id", None)
+        if gid is not None:
+            self._seen(int(gid), peer, msg)
+        if isinstance(msg, m.LeaseRequest):
+            self.pending[peer] = msg
+        elif isinstance(msg, m.RolloutGroup):
+            self._on_group(msg)
+        elif isinstance(msg, m.ReturnLease):
+            self._reclaim(msg.prompt_ids, returned=True)
+        elif not isinstance(msg, m.Heartbeat):
+            log.warning("controller: unexpected %s from %s", type(msg).__name__, peer)
+
+    def _seen(self, gid: int, peer: str, msg: Any) -> None:
+        from async_or1.transport import messages as m
+
+        now = time.monotonic()
+        with self.lock:
+            g = self.gens.setdefault(gid, {"peer": peer, "incarnation": None, "idle_s": 0.0, "wall_s": 0.0})
+            g["last_seen"], g["peer"] = now, peer
+            if isinstance(msg, m.Heartbeat):
+                inc = msg.stats.get("incarnation")
+                if inc in g.setdefault("retired", set()):
+                    return  # a zombie of an earlier incarnation: its leases are already re-issued
+                if g["incarnation"] is not None and inc != g["incarnation"]:
+                    g["retired"].add(g["incarnation"])
+                    log.warning("generator %d restarted (incarnation %s → %s): its leases are re-issued",
+                                gid, g["incarnation"], inc)
+                    self._lose_generator(gid)
+                    self._idle_mark.pop(gid, None)
+                g["incarnation"] = inc
+                g["idle_s"], g["wall_s"] = float(msg.stats.get("idle_s", 0.0)), float(msg.stats.get("wall_s", 0.0))
+                g["version"] = msg.version
+                if "weights_fp" in msg.stats:
+                    self.received_fingerprints.setdefault(gid, {})[int(msg.stats["weights_version"])] = \
+                        msg.stats["weights_fp"]
+            if not g.get("alive", True):
+                log.warning("generator %d is back", gid)
+            g["alive"] = True
+
+    def _reap_silent(self) -> None:
+        now = time.monotonic()
+        with self.lock:
+            for gid, g in self.gens.items():
+                if g.get("alive", True) and now - g["last_seen"] > self.generator_timeout_s:
+                    log.error("generator %d silent for %.0f s: declared dead, its leases are re-issued",
+                              gid, now - g["last_seen"])
+                    g["alive"] = False
+                    self._lose_generator(gid)
+
+    def _lose_generator(self, gid: int) -> None:
+        """Caller holds the lock. Every prompt the generator still held goes back to the source."""
+        self.lost_generators += 1
+        peer = self.gens[gid]["peer"]
+        self.pending.pop(peer, None)
+        lost = []
+        for lease_id, lease in list(self.leases.items()):
+            if lease["generator_id"] == gid:
+                lost += list(lease["prompt_ids"])
+                del self.leases[lease_id]
+        if lost:
+            self.buffer.on_lost(lost)
+            self.source.reissue([self.uid_of.pop(p) for p in lost])
+
+    def _reclaim(self, prompt_ids: list, returned: bool) -> None:
+        with self.lock:
+            ids = [p for p in prompt_ids if p in self.uid_of]
+            for lease in self.leases.values():
+                lease["prompt_ids"].difference_update(ids)
+            if ids:
+                self.buffer.on_returned(ids)
+                self.source.reissue([self.uid_of.pop(p) for p in ids])
+
+    def _on_group(self, group: Any) -> None:
+        verdict = self.buffer.add_group(group)
+        with self.lock:
+            uid = self.uid_of.pop(group.prompt_id, None)
+            lease = self.leases.get(group.lease_id)
+            if lease is not None:
+                lease["prompt_ids"].discard(group.prompt_id)
+                if not lease["prompt_ids"]:
+                    del self.leases[group.lease_id]
+            if uid is not None and verdict != "malformed":
+                correct = sum(1 for s in group.samples if s.reward > 0.5)
+                # The online filter needs every solve rate, rejected N/N groups included.
+                self.source.record_result(uid, group.stage, correct, len(group.samples))
+        if verdict == "malformed":
+            log.warning("controller: malformed group %s from generator %d", group.prompt_id, group.generator_id)
+
+    def _grant_leases(self) -> None:
+        from async_or1.transport import messages as m
+
+        if not self.pending:
+            return
+        with self.lock:
+            for peer, req in list(self.pending.items()):
+                if self.done:
+                    self.endpoint.send(peer, m.PromptLease(lease_id=0, prompts=[], min_version=0, done=True))
+                    del self.pending[peer]
+                    continue
+                if not self.leasing_open:
+                    return
+                room = self.buffer.admission_room(self.version)
+                n = min(room, int(req.max_prompts))
+                if n <= 0:
+                    return  # stays pending; answered as soon as a step frees room
+                stage_idx, stage = self.stage_at(self.version)
+                problems = self.source.next_prompts(n, self.version)
+                if not problems:
+                    return
+                lease_id = next(self._lease_ids)
+                prompts = []
+                for pr in problems:
+                    pid = f"{pr.uid}@{lease_id}"
+                    self.uid_of[pid] = pr.uid
+                    prompts.append(m.Prompt(prompt_id=pid, token_ids=self._tokens(pr), ability=pr.ability,
+                                            ground_truth=pr.ground_truth, stage=stage_idx,
+                                            samples_per_prompt=stage.samples_per_prompt,
+                                            max_response_tokens=stage.max_response_tokens))
+                self.buffer.on_leased([p.prompt_id for p in prompts], self.version)
+                self.leases[lease_id] = {"generator_id": req.generator_id,
+                                         "prompt_ids": {p.prompt_id for p in prompts}}
+                self.endpoint.send(peer, m.PromptLease(lease_id=lease_id, prompts=prompts,
+                                                       min_version=self.broadcast_version))
+                del self.pending[peer]
+
+    def _tokens(self, problem: Any) -> Any:
+        import numpy as np
+
+        toks = self._token_cache.get(problem.uid)
+        if toks is None:
+            toks = np.asarray(self.encode_prompt(problem), dtype=np.int32)
+            self._token_cache[problem.uid] = toks
+        return toks

@@ -1,0 +1,296 @@
+"""The learner process: one loop of named, timed phases, run by every learner rank.
+
+    wait for the step's batch → loss + backward → optimizer step → version += 1 → broadcast → log
+
+Rank 0 also owns the rollout side of the learner: the replay buffer, the prompt source and the
+controller thread that talks to the generators. It cuts each step's batch into per-rank shards
+of micro-batches (never splitting a response; every rank runs the same number of micro-batches,
+because ZeRO-3 gathers parameters collectively in every forward) and ships them to the ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("async_or1.learner")
+
+
+class RolloutSide:
+    """Rank 0's buffer + prompt source + controller thread, built from the launch spec."""
+
+    def __init__(self, cfg: Any, spec: dict, tokenizer: Any, resume_state: dict | None, endpoint: Any) -> None:
+        from async_or1.buffer import ReplayBuffer
+        from async_or1.data.rows import load_problems
+        from async_or1.data.source import PromptSource
+        from async_or1.data.template import encode_prompt
+        from async_or1.learner.controller import Controller
+
+        total = cfg.total_steps
+
+        def pps(step: int) -> int:
+            return cfg.stage_at(step)[1].prompts_per_step if step < total else 0
+
+        problems, counts = load_problems(spec["train_files"], on_bad_row=cfg.data.on_bad_row,
+                                         abilities=tuple(cfg.data.abilities))
+        if cfg.data.difficulty_model:
+            from async_or1.data.filter import filter_by_difficulty
+
+            problems, dcounts = filter_by_difficulty(problems, cfg.data.difficulty_model, cfg.data.difficulty_n)
+            counts = {**counts, **{f"difficulty_{k}": v for k, v in dcounts.items()}}
+        log.info("training problems: %d (%s)", len(problems), counts)
+        self.source = PromptSource(problems, cfg.stages, seed=cfg.seed, shuffle=cfg.data.shuffle,
+                                   online_filter=cfg.data.online_filter)
+        self.buffer = ReplayBuffer(cfg.max_staleness, pps, reject_zero_advantage=cfg.algo.reject_zero_advantage)
+        if resume_state:
+            self.source.load_state_dict(resume_state["source"])
+            self.buffer.load_state_dict(resume_state["buffer"])
+        self.endpoint = endpoint
+        self.controller = Controller(endpoint=endpoint, buffer=self.buffer, source=self.source,
+                                     encode_prompt=lambda pr: encode_prompt(tokenizer, pr.prompt),
+                                     stage_at=cfg.stage_at, num_generators=cfg.generation.num_generators,
+                                     prompts_per_step_at=pps, generator_timeout_s=cfg.transport.generator_timeout_s)
+
+
+def _zmq_endpoint(cfg: Any, spec: dict) -> Any:
+    from async_or1.transport.zmq import ZmqLearnerEndpoint
+
+    return ZmqLearnerEndpoint(host=cfg.transport.host, port=spec["zmq_port"],
+                              max_message_bytes=cfg.transport.max_message_mb << 20, hwm=cfg.transport.high_water_mark)
+
+
+def _group_channel(cfg: Any, spec: dict, controller: Any) -> Any:
+    from async_or1.learner.broadcast import GroupChannel
+
+    return GroupChannel(controller, host=spec["weights_host"], first_port=spec["weights_port"],
+                        backend=spec["weights_backend"], layout=spec.get("weights_layout", "flat"),
+                        num_generators=cfg.generation.num_generators, bucket_bytes=cfg.learner.bucket_mb << 20,
+                        timeout_s=cfg.buffer.wait_timeout_s, fingerprint=cfg.log.weight_fingerprints)
+
+
+def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = None) -> int:
+    """The learner rank's whole life. ``endpoint``/``make_channel`` default to ZeroMQ and the
+    torch.distributed weight group; the in-process mode passes its own."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from async_or1.algo import AdaptiveEntropy
+    from async_or1.config import config_from_dict
+    from async_or1.learner.batch import batch_stats, groups_to_sequences
+    from async_or1.learner.engine import LearnerEngine
+    from async_or1.learner.metrics import MetricsWriter
+    from async_or1.learner.shards import make_shards, to_micro_batches
+    from async_or1.timing import Phases
+
+    cfg = config_from_dict(spec["config"])
+    deepspeed.init_distributed(dist_backend=spec["learner_backend"])
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(cfg.seed)
+    run_dir = Path(spec["run_dir"])
+    ckpt_root = run_dir / "checkpoints"
+    engine = LearnerEngine(cfg, spec["model_path"])
+
+    client_state: dict = {}
+    if resume:
+        latest = _latest_checkpoint(ckpt_root)
+        if latest is None:
+            raise SystemExit(f"--resume: no checkpoint under {ckpt_root}")
+        client_state = engine.load_checkpoint(latest) or {}
+        log.info("rank %d resumed from %s at version %s", rank, latest, client_state.get("version"))
+    version = int(client_state.get("version", 0))
+    entropy_ctl = AdaptiveEntropy(cfg.algo.entropy.target, cfg.algo.entropy.delta, coef_init=cfg.algo.entropy.coef_init,
+                                  coef_min=cfg.algo.entropy.coef_min, coef_max=cfg.algo.entropy.coef_max)
+    if client_state.get("entropy"):
+        entropy_ctl.load_state_dict(client_state["entropy"])
+    entropy_coef = float(client_state.get("entropy_coef", cfg.algo.entropy.coef_init))
+    stage = int(client_state.get("stage", cfg.stage_at(version)[0]))
+
+    stop = {"flag": False}
+    signal.signal(signal.SIGTERM, lambda s, f: stop.update(flag=True))
+
+    side = writer = tokenizer = None
+    if rank == 0:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer_path"])
+        side = RolloutSide(cfg, spec, tokenizer, client_state or None,
+                           endpoint if endpoint is not None else _zmq_endpoint(cfg, spec))
+        channel = (make_channel or _group_channel)(cfg, spec, side.controller)
+        side.controller.set_version(version, broadcast_version=version)
+        side.controller.start()
+        writer = MetricsWriter(run_dir, tensorboard=cfg.log.tensorboard, append=resume, total_steps=cfg.total_steps)
+        side.controller.wait_for_generators(cfg.transport.generator_timeout_s * 4)
+    phases = Phases()
+
+    def broadcast(v: int) -> None:
+        """Collective over learner ranks (ZeRO-3 gathers); only rank 0 sends to the generators."""
+        names, tensors = [], []
+        for name, t in engine.full_state_iter():  # every rank walks it: ZeRO-3 gathers are collective
+            if rank == 0:
+                names.append(name)
+                tensors.append(t)
+        if rank == 0 and channel.send(v, names, tensors):
+            side.controller.set_version(side.controller.version, broadcast_version=v)
+
+    broadcast(version)
+    if rank == 0:
+        side.controller.leasing_open = True
+
+    total = cfg.total_steps
+    saved_version = version
+    t_start = time.time()
+    last_step_end = time.perf_counter()
+    while version < total:
+        step_t0 = time.perf_counter()
+        new_stage = cfg.stage_at(version)[0]
+        # ---- wait for the batch (rank 0), ship shards to every rank --------------------------
+        with phases("wait"):
+            payload = None
+            if rank == 0:
+                if new_stage != stage:
+                    dropped = side.controller.on_stage_start(new_stage)
+                    log.info("stage %d → %d at step %d; online filter: %s", stage, new_stage, version, dropped)
+                    stage = new_stage
+                elif version == 0:
+                    side.controller.on_stage_start(stage)
+                groups = None
+                # Only rank 0's SIGTERM flag counts: the decision to stop travels in the payload, so
+                # every rank leaves the loop at the same step (a lone rank leaving would hang the rest).
+                while groups is None and not stop["flag"]:
+                    side.controller._check()
+                    groups = side.buffer.take_batch(version, cfg.stage_at(version)[1].prompts_per_step, timeout_s=1.0)
+                    if groups is None and time.perf_counter() - step_t0 > cfg.buffer.wait_timeout_s:
+                        raise SystemExit(f"no batch for step {version} within buffer.wait_timeout_s="
+                                         f"{cfg.buffer.wait_timeout_s:.0f} s (generators alive: "
+                                         f"{sorted(side.controller.alive_generators())}); see the generator logs")
+                if groups is not None:
+                    seqs = groups_to_sequences(groups, adv_eps=cfg.algo.adv_eps)
+                    if cfg.algo.truncated_mask == "mask_truncated":
+                        # Paper 3.2.3: truncated responses leave the loss (and its token count) entirely.
+                        seqs = [s for s in seqs if not s.truncated]
+                    payload = {"shards": make_shards(seqs, world, cfg.learner.micro_batch_tokens_per_rank),
+                               "num_tokens": int(sum(len(s.response) for s in seqs)),
+                               "entropy_coef": entropy_coef, "stop": False}
+                else:
+                    payload = {"stop": True}
+            obj = [payload]
+            dist.broadcast_object_list(obj, src=0)
+            payload = obj[0]
+        if payload["stop"]:
+            break
+        # ---- loss, backward, optimizer step ---------------------------------------------------
+        with phases("train"):
+            micro = to_micro_batches(payload["shards"][rank], pad_id=engine.pad_id)
+            stats = engine.train_step(micro, num_tokens_global=payload["num_tokens"],
+                                      entropy_coef=payload["entropy_coef"])
+        version += 1
+        # ---- adaptive entropy from the whole step's entropy (all ranks summed in train_step) --
+        entropy = stats["entropy_sum"] / max(stats["token_count"], 1)
+        if cfg.algo.entropy.enabled:
+            entropy_coef = entropy_ctl.step(entropy)
+        # ---- broadcast --------------------------------------------------------------------
+        with phases("broadcast"):
+            if version % cfg.learner.broadcast_every_steps == 0 or version == total:
+                if rank == 0:
+                    side.controller.set_version(version)
+                broadcast(version)
+            elif rank == 0:
+                side.controller.set_version(version)
+        # ---- checkpoint ------------------------------------------------------------------
+        every = cfg.learner.checkpoint_every_steps
+        if every and version % every == 0 and version < total:
+            with phases("checkpoint"):
+                _save(engine, ckpt_root, version, rank, side, entropy_ctl, entropy_coef, stage,
+                      cfg.learner.keep_checkpoints)
+                saved_version = version
+        # ---- log -------------------------------------------------------------------------
+        with phases("log"):
+            if rank == 0:
+                now = time.perf_counter()
+                ph = phases.take()
+                wall = now - last_step_end
+                last_step_end = now
+                row = {"step": version - 1, "version": version, "stage": stage, "time_s": round(time.time() - t_start, 3),
+                       **batch_stats(groups, version - 1),
+                       "entropy": entropy, "entropy_coef": payload["entropy_coef"], "next_entropy_coef": entropy_coef,
+                       "loss": stats["loss"], "grad_norm": stats.get("grad_norm"),
+                       "clip_frac_low": stats["clip_low_count"] / max(stats["token_count"], 1),
+                       "clip_frac_high": stats["clip_high_count"] / max(stats["token_count"], 1),
+                       "ratio_mean": stats["ratio_sum"] / max(stats["token_count"], 1),
+                       "trained_tokens": payload["num_tokens"], "tokens_per_s": payload["num_tokens"] / max(wall, 1e-9),
+                       "step_s": wall, "gen_idle_frac": side.controller.gen_idle_frac(),
+                       "learner_idle_frac": ph.get("wait", 0.0) / max(wall, 1e-9),
+                       "phase_s": {k: round(v, 4) for k, v in ph.items()},
+                       **side.buffer.step_metrics(version - 1)}
+                writer.write(row, print_line=(version - 1) % cfg.log.print_every_steps == 0)
+
+    # ---- end of run ----------------------------------------------------------------------
+    if rank == 0:
+        side.controller.finish()
+        side.controller.flush()
+    if version != saved_version:
+        _save(engine, ckpt_root, version, rank, side, entropy_ctl, entropy_coef, stage, cfg.learner.keep_checkpoints)
+    engine.save_hf(run_dir / "final", tokenizer=tokenizer)
+    if rank == 0:
+        # Generators answer the Shutdown by returning unsampled leases or delivering finished groups;
+        # wait for them so the accounting closes with nothing in flight.
+        deadline = time.monotonic() + 30
+        while side.buffer.accounting()["in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.3)  # last heartbeats (weight fingerprints) on their way
+        writer.write_summary({"final_version": version, "accounting": side.buffer.accounting(),
+                              "lost_generators": side.controller.lost_generators,
+                              "transport": dict(side.endpoint.stats),
+                              "weight_fingerprints": {"sent": channel.sent_fingerprints,
+                                                      "received": side.controller.received_fingerprints}})
+        side.controller.stop()
+        side.endpoint.close()
+        writer.close()
+        side.buffer.check_accounting()
+    dist.barrier()
+    return 0
+
+
+def _save(engine: Any, root: Path, version: int, rank: int, side: Any, entropy_ctl: Any, entropy_coef: float,
+          stage: int, keep: int) -> None:
+    state = {"version": version, "entropy": entropy_ctl.state_dict(), "entropy_coef": entropy_coef, "stage": stage}
+    if rank == 0:
+        with side.controller.lock:
+            state["source"] = side.source.state_dict()
+        state["buffer"] = side.buffer.state_dict()
+    engine.save_checkpoint(root / f"step_{version:06d}", client_state=state)
+    if rank == 0:
+        import shutil
+
+        old = sorted(root.glob("step_*"))[:-max(keep, 1)]
+        for d in old:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _latest_checkpoint(root: Path) -> Path | None:
+    done = sorted(p for p in root.glob("step_*") if p.is_dir())
+    return done[-1] if done else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="async_or1.learner.loop")
+    ap.add_argument("--spec", required=True)
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO, format=f"[learner {rank}] %(asctime)s %(message)s")
+    from async_or1.launch_spec import apply_process_pinning, read_spec
+
+    apply_process_pinning()
+    return run(read_spec(args.spec), resume=args.resume)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Wire format: bit-exact round trips of every message type, and precise rejection of bad frames."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import msgpack
+import numpy as np
+import pytest
+
+from async_or1.transport import messages as m
+from async_or1.transport.messages import SCHEMA_VERSION, WireError, decode, encode
+
+SPECIALS = np.array([np.nan, np.inf, -np.inf, -0.0, 1e-45, -3.4e38], dtype=np.float32)
+
+
+def sample(n: int = 6, seed: int = 0) -> m.Sample:
+    rng = np.random.default_rng(seed)
+    lp = rng.standard_normal(n).astype(np.float32)
+    lp[: min(n, len(SPECIALS))] = SPECIALS[: min(n, len(SPECIALS))]
+    return m.Sample(tokens=rng.integers(0, 2**31 - 1, n, dtype=np.int32), logprobs=lp,
+                    versions=np.sort(rng.integers(0, 5, n)).astype(np.int32), finish_reason="length", reward=0.25,
+                    reward_details={"reason": "ok", "seconds": 0.5, "passed_tests": 3, "correct": False, "none": None,
+                                    "nested": {"list": [1, "two", 3.0, [True]], "bytes": b"\x00\xff"}})
+
+
+def prompt() -> m.Prompt:
+    return m.Prompt(prompt_id="train:17@3", token_ids=np.arange(9, dtype=np.int32) - 4, ability="code",
+                    ground_truth={"inputs": ["1 2\n"], "outputs": ["3\n"], "fn_name": None}, stage=1,
+                    samples_per_prompt=4, max_response_tokens=4096)
+
+
+EXAMPLES = [
+    prompt(),
+    m.LeaseRequest(generator_id=3, max_prompts=8),
+    m.PromptLease(lease_id=12, prompts=[prompt(), dataclasses.replace(prompt(), prompt_id="x", ground_truth=["42"])],
+                  min_version=7, done=False),
+    m.PromptLease(lease_id=0, prompts=[], min_version=0, done=True),
+    m.ReturnLease(generator_id=1, lease_id=12, prompt_ids=["a@1", "b@1"]),
+    sample(),
+    m.Sample(tokens=np.zeros(0, np.int32), logprobs=np.zeros(0, np.float32), versions=np.zeros(0, np.int32),
+             finish_reason="aborted", reward=0.0),
+    m.RolloutGroup(lease_id=12, prompt_id="train:17@3", stage=1, generator_id=3,
+                   prompt_tokens=np.arange(5, dtype=np.int32), samples=[sample(6, 1), sample(0, 2), sample(33, 3)],
+                   timings={"generate": 1.5, "score": 0.25}),
+    m.WeightUpdate(version=4, names=["a.weight", "b.bias"], dtypes=["bfloat16", "float32"], shapes=[[3, 4], [4]],
+                   bucket_bytes=1 << 28, layout="per_tensor", group_epoch=2),
+    m.WeightGroupInit(epoch=2, master_address="10.0.0.1", master_port=29511, world_size=3, ranks={"0": 1, "1": 2}),
+    m.Heartbeat(generator_id=2, version=9, time=1.7e9, stats={"incarnation": "123-4.5", "idle_s": 0.5,
+                                                              "weights_fp": "ab" * 20}),
+    m.Shutdown(reason="schedule finished"),
+    m.Shutdown(),
+]
+
+
+def same(a, b) -> bool:
+    """Deep equality, arrays compared by dtype, shape and raw bytes (so NaN payloads count)."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype
+                and a.shape == b.shape and a.tobytes() == b.tobytes())
+    if dataclasses.is_dataclass(a):
+        return type(a) is type(b) and all(same(getattr(a, f.name), getattr(b, f.name))
+                                          for f in dataclasses.fields(a))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, list) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def test_every_type_has_an_example():
+    assert {type(x) for x in EXAMPLES} == set(m.MESSAGE_TYPES)
+
+
+@pytest.mark.parametrize("msg", EXAMPLES, ids=lambda x: type(x).__name__)
+def test_round_trip_bit_exact(msg):
+    data = encode(msg)
+    assert isinstance(data, bytes)
+    back = decode(data)
+    assert same(msg, back), (msg, back)
+    assert same(back, decode(memoryview(bytearray(data))))  # any buffer works (zmq frames are memoryviews)
+
+
+def test_arrays_travel_as_raw_buffers_not_lists():
+    s = sample(1000)
+    data = encode(s)
+    assert len(data) < 1000 * 12 + 600  # 12 bytes a token plus a small envelope
+    body = msgpack.unpackb(data)["body"]
+    assert body["logprobs"]["__nd__"] == "<f4" and body["logprobs"]["shape"] == [1000]
+    assert np.frombuffer(body["logprobs"]["data"], "<f4").tobytes() == s.logprobs.tobytes()
+
+
+@pytest.mark.parametrize("dtype", ["bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+                                   "float16", "float32", "float64", ">i4", ">f8"])
+def test_json_arrays_any_plain_dtype_and_shape(dtype):
+    rng = np.random.default_rng(1)
+    arrs = [(rng.standard_normal((2, 3, 4)) * 100).astype(dtype), np.zeros((0, 5), dtype), np.array(7, dtype=dtype),
+            (rng.standard_normal(10) * 100).astype(dtype)[::3]]
+    hb = m.Heartbeat(generator_id=0, version=0, time=0.0, stats={"arrays": arrs})
+    back = decode(encode(hb)).stats["arrays"]
+    for a, b in zip(arrs, back):
+        assert b.dtype == a.dtype.newbyteorder("<") and b.shape == a.shape
+        assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
+
+
+def test_decoded_arrays_do_not_alias_the_sender():
+    s = sample()
+    back = decode(encode(s))
+    s.tokens[0] += 1
+    assert back.tokens[0] != s.tokens[0]
+
+
+def test_numpy_scalars_and_int_rewards_are_normalised_on_encode():
+    hb = m.Heartbeat(generator_id=np.int64(3), version=1, time=5, stats={"x": np.float32(0.5), "n": np.int16(2)})
+    back = decode(encode(hb))
+    assert back.generator_id == 3 and type(back.generator_id) is int
+    assert back.time == 5.0 and type(back.time) is float
+    assert back.stats == {"x": 0.5, "n": 2}
+
+
+# ---- the sender refuses what the receiver would refuse ----------------------------------------
+
+@pytest.mark.parametrize("bad, needle", [
+    (m.LeaseRequest(generator_id=True, max_prompts=1), "LeaseRequest.generator_id: expected int"),
+    (m.LeaseRequest(generator_id=1.0, max_prompts=1), "LeaseRequest.generator_id: expected int"),
+    (dataclasses.replace(sample(), tokens=np.arange(6, dtype=np.int64)), "Sample.tokens: expected a 1-D int32"),
+    (dataclasses.replace(sample(), tokens=[1, 2, 3, 4, 5, 6]), "Sample.tokens: expected a 1-D int32"),
+    (dataclasses.replace(sample(), versions=np.zeros(5, np.int32)), "lengths differ (6/6/5)"),
+    (dataclasses.replace(sample(), reward_details={1: "x"}), "map keys must be strings"),
+    (dataclasses.replace(sample(), reward_details={"o": object()}), "object is not JSON-like"),
+    (dataclasses.replace(sample(), reward_details={"o": np.array(["s"])}), "cannot travel"),
+    (m.WeightUpdate(version=1, names=["a"], dtypes=[], shapes=[[1]], bucket_bytes=1), "names/dtypes/shapes"),
+    (m.WeightGroupInit(epoch=1, master_address="h", master_port=1, world_size=2, ranks={"0": "1"}),
+     "WeightGroupInit.ranks.0: expected int"),
+    (m.Heartbeat(generator_id=0, version=0, time=0.0, stats={"big": 2**70}), "cannot pack"),
+    (m.PromptLease(lease_id=1, prompts=[m.LeaseRequest(0, 1)], min_version=0), "PromptLease.prompts[0]: expected Prompt"),
+])
+def test_encode_validates(bad, needle):
+    with pytest.raises(WireError) as e:
+        encode(bad)
+    assert needle in str(e.value)
+
+
+def test_encode_refuses_non_messages():
+    with pytest.raises(WireError, match="not a message type"):
+        encode({"type": "Shutdown"})
+
+
+# ---- rejection on receipt -------------------------------------------------------------------
+
+def envelope(msg) -> dict:
+    return msgpack.unpackb(encode(msg))
+
+
+def pack(env) -> bytes:
+    return msgpack.packb(env, use_bin_type=True)
+
+
+def rejects(data, kind: str, needle: str, max_bytes=None) -> None:
+    with pytest.raises(WireError) as e:
+        decode(data, max_bytes)
+    assert e.value.kind == kind, (e.value.kind, str(e.value))
+    assert needle in str(e.value), str(e.value)
+
+
+def test_truncated_frames_all_rejected():
+    data = encode(EXAMPLES[7])  # a RolloutGroup
+    for cut in list(range(0, 200)) + list(range(200, len(data), 37)) + [len(data) - 1]:
+        rejects(data[:cut], "malformed", "not a msgpack frame")
+
+
+def test_trailing_bytes_rejected():
+    rejects(encode(m.Shutdown()) + b"\x00", "malformed", "not a msgpack frame")
+
+
+def test_random_bytes_never_escape_as_other_errors():
+    rng = random.Random(0)
+    good = encode(EXAMPLES[7])
+    for i in range(400):
+        if i % 2:
+            data = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 300)))
+        else:  # flip a few bytes of a valid frame: exercises the validator behind msgpack
+            buf = bytearray(good)
+            for _ in range(rng.randint(1, 4)):
+                buf[rng.randrange(len(buf))] = rng.getrandbits(8)
+            data = bytes(buf)
+        try:
+            decode(data)
+        except WireError:
+            pass
+
+
+def test_oversized():
+    data = encode(EXAMPLES[7])
+    rejects(data, "oversized", f"frame of {len(data)} bytes exceeds the limit of 100", max_bytes=100)
+    assert same(decode(data, max_bytes=len(data)), EXAMPLES[7])
+
+
+def test_wrong_schema_version_and_unknown_type():
+    env = envelope(m.Shutdown())
+    rejects(pack({**env, "schema": SCHEMA_VERSION + 1}), "schema", f"schema version {SCHEMA_VERSION + 1} != ")
+    rejects(pack({**env, "schema": "1"}), "schema", "schema version '1'")
+    rejects(pack({**env, "type": "Reboot"}), "schema", "unknown message type 'Reboot'")
+    rejects(pack({**env, "type": 3}), "schema", "unknown message type 3")
+
+
+def test_not_an_envelope():
+    rejects(pack([1, 2, 3]), "malformed", "not a message envelope")
+    rejects(pack({"type": "Shutdown", "schema": 1}), "malformed", "not a message envelope")
+    rejects(pack({**envelope(m.Shutdown()), "extra": 1}), "malformed", "not a message envelope")
+    rejects(pack({1: 2}), "malformed", "not a msgpack frame")  # non-string map keys refused by the unpacker
+
+
+def test_missing_and_extra_fields():
+    env = envelope(EXAMPLES[1])
+    del env["body"]["max_prompts"]
+    rejects(pack(env), "malformed", "LeaseRequest: missing fields ['max_prompts']")
+    env = envelope(EXAMPLES[1])
+    env["body"]["colour"] = "red"
+    rejects(pack(env), "malformed", "LeaseRequest: unknown fields ['colour']")
+    env = envelope(EXAMPLES[7])
+    del env["body"]["samples"][2]["versions"]
+    rejects(pack(env), "malformed", "RolloutGroup.samples[2]: missing fields ['versions']")
+
+
+def test_field_types_checked_on_receipt():
+    cases = [
+        (1, ("max_prompts",), 2.0, "LeaseRequest.max_prompts: expected int"),
+        (1, ("max_prompts",), True, "LeaseRequest.max_prompts: expected int"),
+        (1, ("generator_id",), "3", "LeaseRequest.generator_id: expected int"),
+        (3, ("done",), 1, "PromptLease.done: expected bool"),
+        (4, ("prompt_ids",), "a@1", "ReturnLease.prompt_ids: expected a list"),
+        (4, ("prompt_ids", 1), 7, "ReturnLease.prompt_ids[1]: expected str"),
+        (8, ("shapes", 0, 1), -1.5, "WeightUpdate.shapes[0][1]: expected int"),
+        (9, ("ranks",), [1, 2], "WeightGroupInit.ranks: expected a map"),
+        (10, ("time",), "now", "Heartbeat.time: expected float"),
+        (7, ("samples",), {}, "RolloutGroup.samples: expected a list"),
+        (7, ("samples", 0), [], "RolloutGroup.samples[0]: expected a Sample map"),
+    ]
+    for idx, path, value, needle in cases:
+        env = envelope(EXAMPLES[idx])
+        node = env["body"]
+        for p in path[:-1]:
+            node = node[p]
+        node[path[-1]] = value
+        rejects(pack(env), "malformed", needle)
+
+
+def test_arrays_checked_on_receipt():
+    def mutate(fn):
+        env = envelope(EXAMPLES[7])
+        fn(env["body"]["samples"][0])
+        return pack(env)
+
+    rejects(mutate(lambda s: s["tokens"].update({"__nd__": "<i8", "data": s["tokens"]["data"] * 2})),
+            "malformed", "samples[0].tokens: array dtype '<i8' not allowed (expected <i4)")
+    rejects(mutate(lambda s: s["logprobs"].update({"__nd__": "|O"})), "malformed", "dtype '|O' not allowed")
+    rejects(mutate(lambda s: s["tokens"].update({"data": s["tokens"]["data"][:-1]})),
+            "malformed", "samples[0].tokens: array data has 23 bytes, shape [6] of <i4 needs 24")
+    rejects(mutate(lambda s: s["tokens"].update({"shape": [2, 3]})), "malformed", "expected a 1-D array")
+    rejects(mutate(lambda s: s["tokens"].update({"shape": [-6]})), "malformed", "bad array shape")
+    rejects(mutate(lambda s: s["tokens"].update({"data": "text"})), "malformed", "array data must be bin")
+    rejects(mutate(lambda s: s["tokens"].update({"extra": 1})), "malformed", "expected an array map")
+    rejects(mutate(lambda s: s.update({"tokens": [1, 2, 3, 4, 5, 6]})), "malformed", "expected an array map")
+    # consistent lengths: 5 versions for 6 tokens
+    def short_versions(s):
+        s["versions"] = {"__nd__": "<i4", "shape": [5], "data": bytes(20)}
+    rejects(mutate(short_versions), "malformed", "RolloutGroup.samples[0]: tokens/logprobs/versions lengths differ (6/6/5)")
+    # json fields: a malformed array inside details is caught too
+    def bad_detail(s):
+        s["reward_details"]["arr"] = {"__nd__": "<f8", "shape": [2], "data": bytes(8)}
+    rejects(mutate(bad_detail), "malformed", "samples[0].reward_details.arr: array data has 8 bytes")
+
+
+@pytest.mark.parametrize("depth, needle", [(600, "RecursionError"), (5000, "StackError")])
+def test_hostile_nesting_is_a_wire_error(depth, needle):
+    """Deep nesting inside a JSON field: refused by msgpack's stack limit or by our walk's recursion guard."""
+    data = (b"\x83" + pack("type") + pack("Heartbeat") + pack("schema") + pack(SCHEMA_VERSION) + pack("body")
+            + b"\x84" + pack("generator_id") + pack(0) + pack("version") + pack(0) + pack("time") + pack(0.0)
+            + pack("stats") + b"\x81" + pack("d") + b"\x91" * depth + b"\x90")  # [[[...[]...]]]
+    rejects(data, "malformed", needle)
