@@ -47,7 +47,7 @@ def can_admit(n_new: int, accepted: int, running: int, limit: int) -> bool:
 
 def _hist(values: list[int]) -> list[int]:
     """Histogram as a list: index = value (negatives clamped into 0)."""
-    out = [0] * (max(values, default=-1) + 1)
+    out = [0] * (max([max(v, 0) for v in values], default=-1) + 1)
     for v in values:
         out[max(v, 0)] += 1
     return out

@@ -306,6 +306,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, str):
             # "a,b" on the command line; "" is the empty list.
             value = [v for v in (s.strip() for s in value.split(",")) if v]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # "devices=0" on the command line reads as the number 0
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return list(value)

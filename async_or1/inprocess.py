@@ -34,10 +34,14 @@ def run_inprocess(cfg: Any, spec: dict, resume: bool = False) -> int:
     learner_end = hub.learner()  # created before any generator speaks
     errors: list[BaseException] = []
 
+    # Models are loaded here, one after another: from_pretrained builds on the meta device through
+    # process-global patches, so two threads loading at once corrupt each other's models.
+    engines = [TorchEngine(spec["model_path"], dtype=cfg.model.dtype, max_batch_size=cfg.generation.max_batch_size,
+                           seed=cfg.generation.seed + g) for g in range(cfg.generation.num_generators)]
+
     def generator(gid: int) -> None:
         try:
-            engine = TorchEngine(spec["model_path"], dtype=cfg.model.dtype, max_batch_size=cfg.generation.max_batch_size,
-                                 seed=cfg.generation.seed + gid)
+            engine = engines[gid]
             tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer_path"])
             rc = cfg.rewards
             with RewardPool(workers=rc.workers, math_timeout_s=rc.math_timeout_s, code_timeout_s=rc.code_timeout_s,
@@ -54,9 +58,7 @@ def run_inprocess(cfg: Any, spec: dict, resume: bool = False) -> int:
 
     threads = [threading.Thread(target=generator, args=(g,), name=f"generator-{g}", daemon=True)
                for g in range(cfg.generation.num_generators)]
-    for t in threads:
-        t.start()
-    rc = loop.run(spec, resume, endpoint=learner_end,
+    rc = loop.run(spec, resume, endpoint=learner_end, before_start=lambda: [t.start() for t in threads],
                   make_channel=lambda cfg_, spec_, controller: InprocChannel(
                       controller, store, fingerprint=cfg.log.weight_fingerprints))
     for t in threads:

@@ -74,7 +74,8 @@ def _group_channel(cfg: Any, spec: dict, controller: Any) -> Any:
                         timeout_s=cfg.buffer.wait_timeout_s, fingerprint=cfg.log.weight_fingerprints)
 
 
-def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = None) -> int:
+def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = None,
+        before_start: Any = None) -> int:
     """The learner rank's whole life. ``endpoint``/``make_channel`` default to ZeroMQ and the
     torch.distributed weight group; the in-process mode passes its own."""
     import deepspeed
@@ -96,6 +97,8 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
     run_dir = Path(spec["run_dir"])
     ckpt_root = run_dir / "checkpoints"
     engine = LearnerEngine(cfg, spec["model_path"])
+    if before_start is not None:  # in-process mode: generator threads start once the model is loaded
+        before_start()
 
     client_state: dict = {}
     if resume:
@@ -228,7 +231,7 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
                        "step_s": wall, "gen_idle_frac": side.controller.gen_idle_frac(),
                        "learner_idle_frac": ph.get("wait", 0.0) / max(wall, 1e-9),
                        "phase_s": {k: round(v, 4) for k, v in ph.items()},
-                       **side.buffer.step_metrics(version - 1)}
+                       **side.buffer.step_metrics(version)}
                 writer.write(row, print_line=(version - 1) % cfg.log.print_every_steps == 0)
 
     # ---- end of run ----------------------------------------------------------------------
