@@ -136,3 +136,27 @@ def test_processes_on_policy_every_token_from_the_trained_version(tiny, tmp_path
     _check_run(run, steps=3, generators=1, max_staleness=0)
     rows = [r for r in _rows(run) if not r.get("eval")]
     assert all(r["staleness_max"] == 0 and r["staleness_mean"] == 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_throughput_bench_async_beats_on_policy(tiny, tmp_path):
+    """The short benchmark: same work, same cores, interleaved; async must train tokens faster."""
+    out = tmp_path / "throughput.json"
+    ov = [o for o in _overrides(tiny, tmp_path, "x", **{"schedule.0.max_response_tokens": 48,
+                                                        "schedule.0.prompts_per_step": 4,
+                                                        "schedule.0.samples_per_prompt": 8,
+                                                        "generation.prompts_per_lease": 4,
+                                                        "generation.max_batch_size": 32,
+                                                        "log.weight_fingerprints": "false"})
+          if not o.startswith(("name=", "output_dir=", "schedule.0.steps="))]
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    p = subprocess.run([sys.executable, "-m", "async_or1.cli", "bench", "throughput", "--config",
+                        str(ROOT / "configs/cpu-tiny.yaml"), "--modes", "on-policy,async", "--max-staleness", "1",
+                        "--steps", "8", "--out", str(out), *ov], env=env, capture_output=True, text=True,
+                       timeout=900, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    runs = {r["mode"]: r for r in rep["runs"]}
+    assert runs["async"]["tokens_per_s"] > runs["on-policy"]["tokens_per_s"], rep["runs"]
+    assert runs["on-policy"]["staleness_mean"] == 0
+    assert out.with_suffix(".png").is_file()
