@@ -43,6 +43,7 @@ def run_inprocess(cfg: Any, spec: dict, resume: bool = False) -> int:
         try:
             engine = engines[gid]
             tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer_path"])
+            from async_or1.data.filter_cli import stop_token_ids
             rc = cfg.rewards
             with RewardPool(workers=rc.workers, math_timeout_s=rc.math_timeout_s, code_timeout_s=rc.code_timeout_s,
                             code_memory_mb=rc.code_memory_mb, require_think=rc.require_think) as rewards:
@@ -51,6 +52,7 @@ def run_inprocess(cfg: Any, spec: dict, resume: bool = False) -> int:
                                 top_k=cfg.algo.top_k, prompts_per_lease=cfg.generation.prompts_per_lease,
                                 weight_update=cfg.generation.weight_update, heartbeat_s=cfg.transport.heartbeat_s,
                                 seed=cfg.generation.seed, fingerprint=cfg.log.weight_fingerprints,
+                                stop_token_ids=stop_token_ids(tokenizer, spec["model_path"]),
                                 receive_weights=lambda u: engine.load_state(store.get(u.version), u.version)).run()
         except BaseException as e:  # reported after the learner returns
             log.exception("generator thread %d failed", gid)

@@ -143,6 +143,12 @@ def _start(ctl, worker):
     return th
 
 
+def _wait_in_flight(buf, timeout_s=10.0):
+    deadline = time.time() + timeout_s
+    while buf.accounting()["in_flight"] == 0 and time.time() < deadline:
+        time.sleep(0.01)
+
+
 def _weights(ctl, version):
     ctl.post(m.WeightUpdate(version=version, names=[], dtypes=[], shapes=[], bucket_bytes=0, layout="inproc"))
     ctl.flush()
@@ -211,9 +217,7 @@ def test_shutdown_returns_unfinished_leases_and_they_are_reissued():
     hub, buf, src, ctl, eng, worker = _rig(max_staleness=2, tokens=400)
     eng.step_s = 0.01
     th = _start(ctl, worker)
-    deadline = time.time() + 10
-    while buf.accounting()["in_flight"] == 0 and time.time() < deadline:
-        time.sleep(0.01)
+    _wait_in_flight(buf)
     assert buf.accounting()["in_flight"] >= 1
     ctl.finish()  # Shutdown while generating 400 tokens: the lease comes back unsampled
     th.join(10)
@@ -229,9 +233,7 @@ def test_restarted_generator_loses_its_leases_to_reissue():
     hub, buf, src, ctl, eng, worker = _rig(max_staleness=2, tokens=400)
     eng.step_s = 0.01
     th = _start(ctl, worker)
-    deadline = time.time() + 10
-    while buf.accounting()["in_flight"] == 0 and time.time() < deadline:
-        time.sleep(0.01)
+    _wait_in_flight(buf)
     held = buf.accounting()["in_flight"]
     assert held >= 1
     # A new incarnation of generator 0 says hello: the old one's leases are lost and re-issued.

@@ -34,7 +34,8 @@ class GeneratorWorker:
                  temperature: float, top_p: float, top_k: int, prompts_per_lease: int,
                  weight_update: str = "in_flight", heartbeat_s: float = 5.0, seed: int = 0,
                  receive_weights: Callable[[Any], None] | None = None,
-                 join_weight_group: Callable[[Any], None] | None = None, fingerprint: bool = False) -> None:
+                 join_weight_group: Callable[[Any], None] | None = None, fingerprint: bool = False,
+                 stop_token_ids: list[int] | None = None) -> None:
         from async_or1.timing import Phases
 
         self.gid = generator_id
@@ -58,6 +59,8 @@ class GeneratorWorker:
         self.tokens_generated = 0
         self.weight_group_epoch = 0
         self.fingerprint = fingerprint
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.stop_ids = list(stop_token_ids) if stop_token_ids else ([eos] if eos is not None else [])
         self._fp: tuple[int, str] | None = None
 
     # ---- messages ------------------------------------------------------------------
@@ -147,11 +150,10 @@ class GeneratorWorker:
     def generate(self, lease: Any) -> list | None:
         from async_or1.generation.engine import GenRequest, SamplingParams
 
-        stop_ids = [t for t in {getattr(self.tokenizer, "eos_token_id", None)} if t is not None]
         requests = []
         for p in lease.prompts:
             params = SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                                    max_new_tokens=int(p.max_response_tokens), stop_token_ids=stop_ids)
+                                    max_new_tokens=int(p.max_response_tokens), stop_token_ids=self.stop_ids)
             ids = [int(t) for t in p.token_ids]
             requests += [GenRequest(f"{p.prompt_id}/{i}", ids, params) for i in range(p.samples_per_prompt)]
 
@@ -176,15 +178,13 @@ class GeneratorWorker:
         return results
 
     def score(self, lease: Any, results: list) -> list:
+        from async_or1.data.filter_cli import response_text
+
         with self.phases("score"):
-            eos = getattr(self.tokenizer, "eos_token_id", None)
-            items, k = [], 0
+            stop, items, k = set(self.stop_ids), [], 0
             for p in lease.prompts:
                 for _ in range(p.samples_per_prompt):
-                    toks = results[k].tokens
-                    if toks and toks[-1] == eos:
-                        toks = toks[:-1]
-                    items.append((p.ability, self.tokenizer.decode(toks, skip_special_tokens=False), p.ground_truth))
+                    items.append((p.ability, response_text(self.tokenizer, results[k].tokens, stop), p.ground_truth))
                     k += 1
             return self.rewards.score(items)
 
@@ -272,8 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     from async_or1.rewards.pool import RewardPool
     from async_or1.transport.zmq import ZmqGeneratorEndpoint
 
+    from async_or1.data.filter_cli import stop_token_ids
+
     engine = build_engine(cfg, spec["model_path"], args.generator_id)
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer_path"])
+    stop_ids = stop_token_ids(tokenizer, spec["model_path"])
     endpoint = ZmqGeneratorEndpoint(spec["address"], args.generator_id,
                                     max_message_bytes=cfg.transport.max_message_mb << 20,
                                     hwm=cfg.transport.high_water_mark)
@@ -292,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                                  top_k=cfg.algo.top_k, prompts_per_lease=cfg.generation.prompts_per_lease,
                                  weight_update=cfg.generation.weight_update, heartbeat_s=cfg.transport.heartbeat_s,
                                  seed=cfg.generation.seed, join_weight_group=join,
-                                 fingerprint=cfg.log.weight_fingerprints)
+                                 fingerprint=cfg.log.weight_fingerprints and cfg.generation.engine == "torch",
+                                 stop_token_ids=stop_ids)
 
         def on_sigterm(signum: int, frame: Any) -> None:
             worker.stopping = True
