@@ -111,19 +111,20 @@ def slip(op: str, v: int, n: int) -> int:
 
 
 def worked_solution(p: ArithProblem, rng: random.Random | None = None, noise: float = 0.0) -> str:
-    """The response after the prompt's ``<think>\\n``: rewrite the expression one step at a time
-    (``(95+3)-2``, ``98-2``, ``96``), then the boxed answer.
+    """The response after the prompt's ``<think>\\n``: one line per operation, left to right
+    (``19+5=24``, ``24*2=48``), then the boxed answer. The operands sit right before the
+    result, so each line is one small fact.
 
     With ``noise`` > 0 a step slips (see ``slip``) with that probability and later steps
     continue from the value written, so the chain stays internally consistent. The slipped
     value is always a correct fact of another operation, so the student still learns
     exact arithmetic; what it inherits is a habit of slipping, which RL can remove."""
     lines, v = [], p.start
-    for i, (op, n) in enumerate(p.ops):
+    for op, n in p.ops:
         r = apply(op, v, n)
         if rng is not None and noise > 0 and rng.random() < noise:
             r = slip(op, v, n)
-        lines.append(expression(r, p.ops[i + 1:]))
+        lines.append(f"{v}{_SYM[op]}{n}={r}")
         v = r
     return "\n".join(lines) + f"\n</think>\n\\boxed{{{v}}}"
 
