@@ -38,7 +38,10 @@ def run_summary(rows: list[dict], skip_first: int = 1) -> dict[str, Any]:
         "dropped_stale": int(sum(r.get("dropped_stale", 0) for r in rows)),
         "t_wait_s": ph("wait"),
         "t_train_s": ph("train") + ph("broadcast") + ph("log") + ph("checkpoint"),
-        "reward_curve": [[round(r["time_s"], 3), r["reward_mean"]] for r in rows],
+        # the sampled reward (every group received, rejected ones included) measures the policy;
+        # the trained groups' mean is biased toward 0.5 by zero-advantage rejection
+        "reward_curve": [[round(r["time_s"], 3), r["reward_mean_sampled"]] for r in rows
+                         if r.get("reward_mean_sampled") is not None],
     }
 
 

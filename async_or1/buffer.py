@@ -77,6 +77,9 @@ class ReplayBuffer:
         self._dropped: collections.Counter = collections.Counter()
         self._taken_staleness: list[int] = []  # staleness of groups taken since the last step_metrics
         self._mark: collections.Counter = collections.Counter()  # dropped counts at the last step_metrics
+        # Reward over every well-formed group received since the last step_metrics, rejected ones
+        # included: the trained groups' mean is biased toward 0.5 by zero-advantage rejection.
+        self._sampled_reward = [0.0, 0]
 
     # ---- admission ---------------------------------------------------------------------
     def _limit(self, version: int) -> int:
@@ -138,6 +141,8 @@ class ReplayBuffer:
                             getattr(group, "generator_id", "?"), problem)
                 return "malformed"
             rewards = [float(s.reward) for s in group.samples]
+            self._sampled_reward[0] += sum(rewards)
+            self._sampled_reward[1] += len(rewards)
             if self.reject_zero_advantage and max(rewards) == min(rewards):
                 self._dropped["zero_advantage"] += 1
                 return "zero_advantage"
@@ -210,7 +215,10 @@ class ReplayBuffer:
             delta = {k: self._dropped[k] - self._mark[k] for k in ("stale", "zero_advantage", "generator_lost",
                                                                     "malformed")}
             self._mark = collections.Counter(self._dropped)
-            return {"staleness_hist_queue": _hist(taken),
+            total, n = self._sampled_reward
+            self._sampled_reward = [0.0, 0]
+            return {"reward_mean_sampled": total / n if n else float("nan"),
+                    "staleness_hist_queue": _hist(taken),
                     "staleness_hist_inflight": _hist([staleness(version, v) for v in self._running.values()]),
                     "staleness_mean": sum(taken) / len(taken) if taken else 0.0,
                     "staleness_max": max(taken, default=0),
@@ -218,9 +226,15 @@ class ReplayBuffer:
                     "dropped_stale": delta["stale"], "rejected_zero_adv": delta["zero_advantage"],
                     "dropped_generator_lost": delta["generator_lost"], "dropped_malformed": delta["malformed"]}
 
+    def outstanding_prompt_ids(self) -> list[str]:
+        """Prompt ids leased or queued but not yet trained on, oldest queued first."""
+        with self._cond:
+            return [g.prompt_id for g, _ in self._queue] + list(self._running)
+
     def state_dict(self) -> dict:
         """Counters only. Queued groups and running leases do not survive a restart: the new process
-        counts them as dropped "lost_on_resume" (their prompts are the source's to re-issue)."""
+        counts them as dropped "lost_on_resume" and the checkpoint hands their prompts to the
+        source to re-issue (Controller.outstanding_uids)."""
         with self._cond:
             return {"counters": dict(self._c), "dropped": dict(self._dropped),
                     "queued": len(self._queue), "in_flight": len(self._running)}

@@ -61,7 +61,9 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     fig, axes = plt.subplots(3, 2, figsize=(13, 11))
     ax = axes[0, 0]
     if rows:
-        ax.plot(*_series(rows, "reward_mean"), label="train reward (mean of the step's samples)", color="tab:blue")
+        ax.plot(*_series(rows, "reward_mean_sampled"), label="reward of every sampled group", color="tab:blue")
+        ax.plot(*_series(rows, "reward_mean"), label="reward of the trained groups (after zero-advantage "
+                "rejection)", color="tab:cyan", alpha=0.6)
     if evals:
         ax.plot([e["step"] for e in evals], [e["avg_at_k"] for e in evals], "o-", color="tab:red",
                 label=f"held-out avg@{evals[0].get('k', 'k')}")
@@ -71,7 +73,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     ax.legend(loc="best", fontsize=8)
     ax = axes[0, 1]
     if rows:
-        ax.plot([r["time_s"] for r in rows], [r["reward_mean"] for r in rows], color="tab:blue", label="train reward")
+        pts = [(r["time_s"], r.get("reward_mean_sampled")) for r in rows if r.get("reward_mean_sampled") is not None]
+        ax.plot([t for t, _ in pts], [v for _, v in pts], color="tab:blue", label="reward of every sampled group")
         ax.set(title="Reward vs wall time")
     else:
         _empty(ax, "rewards")

@@ -188,6 +188,19 @@ def test_zero_advantage_rejection_and_opt_out():
     assert keep.add_group(group("z", rewards=(0.0, 0.0))) == "accepted"
 
 
+def test_sampled_reward_counts_rejected_groups_too():
+    """Trained groups (1, 0, 0, 0) average 0.25; with the rejected all-zero (0, 0, 0) and all-one
+    (1, 1) groups the policy's reward is (1 + 2) / 9 = 1/3; malformed groups do not count."""
+    buf = ReplayBuffer(1, const(4))
+    lease(buf, ["a", "b", "c", "d"], 0)
+    assert buf.add_group(group("a", rewards=(1.0, 0.0, 0.0, 0.0))) == "accepted"
+    assert buf.add_group(group("b", rewards=(0.0, 0.0, 0.0))) == "zero_advantage"
+    assert buf.add_group(group("c", rewards=(1.0, 1.0))) == "zero_advantage"
+    assert buf.add_group(group("d", rewards=(1.0, float("nan")))) == "malformed"
+    assert buf.step_metrics(0)["reward_mean_sampled"] == pytest.approx(3 / 9)
+    assert np.isnan(buf.step_metrics(0)["reward_mean_sampled"])      # nothing received since: no number
+
+
 def test_malformed_groups():
     buf = ReplayBuffer(1, const(8), samples_per_prompt_at=lambda v: 2)
     lease(buf, ["three", "empty", "nan", "blank", "neg", "ok"], 0)
@@ -266,6 +279,7 @@ def test_state_dict_resume_counts_what_was_in_hand():
     buf.take_batch(0, 1, timeout_s=0)
     buf.add_group(group("c", rewards=(1.0, 1.0)))
     state = buf.state_dict()                                 # trained 1, queued 1 (b), running 1 (d)
+    assert buf.outstanding_prompt_ids() == ["b", "d"]        # what a checkpoint hands back for re-issue
     fresh = ReplayBuffer(1, const(4))
     fresh.load_state_dict(state)
     acc = fresh.accounting()

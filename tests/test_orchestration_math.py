@@ -39,7 +39,8 @@ def test_time_to_reward_moving_average():
 
 def _rows(times, tokens, wait, train):
     return [{"step": i, "time_s": t, "trained_tokens": n, "gen_idle_frac": 0.5, "learner_idle_frac": 0.25,
-             "staleness_mean": 0.5, "reward_mean": 0.1 * i, "phase_s": {"wait": wait, "train": train}}
+             "staleness_mean": 0.5, "reward_mean": 0.1 * i, "reward_mean_sampled": 0.1 * i,
+             "phase_s": {"wait": wait, "train": train}}
             for i, (t, n) in enumerate(zip(times, tokens))]
 
 

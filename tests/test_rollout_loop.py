@@ -117,19 +117,20 @@ class Rewards:
         return out
 
 
-def _rig(max_staleness: int, pps: int = 2, G: int = 4, tokens: int = 6):
+def _rig(max_staleness: int, pps: int = 2, G: int = 4, tokens: int = 6, n_problems: int = 50,
+         prompts_per_lease: int = 1):
     from async_or1.config import StageConfig
 
     stage = StageConfig(steps=100, max_response_tokens=tokens, prompts_per_step=pps, samples_per_prompt=G)
     hub = InprocHub()
     buf = ReplayBuffer(max_staleness, lambda s: pps)
-    src = Source(50)
+    src = Source(n_problems)
     ctl = Controller(endpoint=hub.learner(), buffer=buf, source=src, encode_prompt=lambda pr: [1, 2, 3],
                      stage_at=lambda step: (0, stage), num_generators=1, prompts_per_step_at=lambda s: pps,
                      generator_timeout_s=30)
     eng = FakeEngine()
     worker = GeneratorWorker(generator_id=0, engine=eng, endpoint=hub.generator(0), rewards=Rewards(),
-                             tokenizer=Tok(), temperature=1.0, top_p=1.0, top_k=-1, prompts_per_lease=1,
+                             tokenizer=Tok(), temperature=1.0, top_p=1.0, top_k=-1, prompts_per_lease=prompts_per_lease,
                              heartbeat_s=0.05)
     return hub, buf, src, ctl, eng, worker
 
@@ -250,3 +251,27 @@ def test_restarted_generator_loses_its_leases_to_reissue():
     th.join(10)
     ctl.stop()
     assert ctl.lost_generators == 1
+
+
+def test_one_lease_may_hold_a_problem_twice_and_a_checkpoint_lists_what_is_outstanding():
+    """At an epoch boundary a lease can hold the same problem twice (end of one shuffled order,
+    start of the next): each copy is its own prompt id and group. Whatever is leased or queued
+    but not trained is what a checkpoint hands back for re-issue."""
+    hub, buf, src, ctl, eng, worker = _rig(max_staleness=1, n_problems=1, prompts_per_lease=2)
+    th = _start(ctl, worker)
+    try:
+        groups = buf.take_batch(0, 2, timeout_s=20)
+        assert groups is not None and len({g.prompt_id for g in groups}) == 2
+        assert {g.prompt_id.rsplit("@", 1)[0] for g in groups} == {"p0"}
+        deadline = time.time() + 10
+        while buf.accounting()["queued"] + buf.accounting()["in_flight"] < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        with ctl.lock:
+            outstanding = ctl.outstanding_uids()
+        a = buf.accounting()
+        assert outstanding == ["p0"] * (a["queued"] + a["in_flight"]) and len(outstanding) >= 2
+    finally:
+        ctl.finish()
+        th.join(10)
+        ctl.stop()
+    buf.check_accounting()

@@ -201,6 +201,12 @@ class Controller:
                     g["alive"] = False
                     self._lose_generator(gid)
 
+    def outstanding_uids(self) -> list[str]:
+        """Caller holds the lock. Problems whose groups are queued or still being generated: a
+        checkpoint puts them first in the source's re-issue line, so a resumed run trains on every
+        prompt the interrupted one had started (their groups themselves are lost_on_resume)."""
+        return [pid.rsplit("@", 1)[0] for pid in self.buffer.outstanding_prompt_ids()]
+
     def _lose_generator(self, gid: int) -> None:
         """Caller holds the lock. Every prompt the generator still held goes back to the source."""
         self.lost_generators += 1
@@ -263,8 +269,10 @@ class Controller:
                     return
                 lease_id = next(self._lease_ids)
                 prompts = []
-                for pr in problems:
-                    pid = f"{pr.uid}@{lease_id}"
+                for i, pr in enumerate(problems):
+                    # the slot index keeps ids unique when a lease spans an epoch boundary and
+                    # the new epoch's order repeats a problem already in it
+                    pid = f"{pr.uid}@{lease_id}.{i}"
                     self.uid_of[pid] = pr.uid
                     prompts.append(m.Prompt(prompt_id=pid, token_ids=self._tokens(pr), ability=pr.ability,
                                             ground_truth=pr.ground_truth, stage=stage_idx,

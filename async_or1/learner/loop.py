@@ -128,7 +128,9 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
         channel = (make_channel or _group_channel)(cfg, spec, side.controller)
         side.controller.set_version(version, broadcast_version=version)
         side.controller.start()
-        writer = MetricsWriter(run_dir, tensorboard=cfg.log.tensorboard, append=resume, total_steps=cfg.total_steps)
+        # Always append: the launcher has already emptied the run dir (or refused a non-empty one)
+        # and may have written the before-training eval row into metrics.jsonl.
+        writer = MetricsWriter(run_dir, tensorboard=cfg.log.tensorboard, append=True, total_steps=cfg.total_steps)
         side.controller.wait_for_generators(cfg.transport.generator_timeout_s * 4)
     phases = Phases()
 
@@ -267,6 +269,7 @@ def _save(engine: Any, root: Path, version: int, rank: int, side: Any, entropy_c
     if rank == 0:
         with side.controller.lock:
             state["source"] = side.source.state_dict()
+            state["source"]["reissue"] = side.controller.outstanding_uids() + state["source"]["reissue"]
         state["buffer"] = side.buffer.state_dict()
     engine.save_checkpoint(root / f"step_{version:06d}", client_state=state)
     if rank == 0:

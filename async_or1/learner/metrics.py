@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-REQUIRED_KEYS = ("step", "version", "stage", "reward_mean", "entropy", "entropy_coef", "clip_frac_low",
+REQUIRED_KEYS = ("step", "version", "stage", "reward_mean", "reward_mean_sampled", "entropy", "entropy_coef", "clip_frac_low",
                  "clip_frac_high", "staleness_mean", "staleness_max", "dropped_stale", "rejected_zero_adv",
                  "trained_tokens", "tokens_per_s", "gen_idle_frac", "learner_idle_frac")
 
@@ -27,7 +27,10 @@ def _clean(v: Any) -> Any:
 
 def progress_line(row: dict, total_steps: int | None = None) -> str:
     step = f"{row['step'] + 1}/{total_steps}" if total_steps else str(row["step"] + 1)
-    return (f"step {step} v{row['version']} stage {row['stage']} | reward {row['reward_mean']:.3f} | "
+    sampled = row.get("reward_mean_sampled")
+    sampled = "-" if sampled is None or not math.isfinite(sampled) else f"{sampled:.3f}"
+    return (f"step {step} v{row['version']} stage {row['stage']} | reward sampled {sampled} "
+            f"trained {row['reward_mean']:.3f} | "
             f"entropy {row['entropy']:.3f} (coef {row['entropy_coef']:.4f}) | "
             f"clip lo/hi {row['clip_frac_low']:.3f}/{row['clip_frac_high']:.3f} | "
             f"staleness {row['staleness_mean']:.2f} max {row['staleness_max']} | "
