@@ -126,6 +126,16 @@ def test_processes_async_two_ranks_two_generators_then_resume(tiny, tmp_path):
     assert [r["version"] for r in rows] == [1, 2, 3, 4, 5]
     summ = json.loads((run / "learner_summary.json").read_text())
     assert summ["final_version"] == 5
+    # Every checkpoint lists what was leased or queued but not yet trained at that moment for
+    # re-issue (first in line after a resume), as many prompts as the buffer counts lost_on_resume.
+    import torch
+
+    for ck in sorted((run / "checkpoints").glob("step_*")):
+        state = torch.load(ck / "state" / "mp_rank_00_model_states.pt", weights_only=False,
+                           map_location="cpu")["async_or1"]
+        assert len(state["source"]["reissue"]) >= state["buffer"]["queued"] + state["buffer"]["in_flight"]
+    lost = summ["accounting"]["dropped"].get("lost_on_resume", 0)
+    assert summ["source"].get("reissued_served", 0) >= lost
 
 
 @pytest.mark.slow

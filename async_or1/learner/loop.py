@@ -252,6 +252,7 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
         time.sleep(0.3)  # last heartbeats (weight fingerprints) on their way
         writer.write_summary({"final_version": version, "accounting": side.buffer.accounting(),
                               "lost_generators": side.controller.lost_generators,
+                              "source": dict(side.source.counts),
                               "transport": dict(side.endpoint.stats),
                               "weight_fingerprints": {"sent": channel.sent_fingerprints,
                                                       "received": side.controller.received_fingerprints}})
