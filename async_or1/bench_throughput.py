@@ -62,12 +62,23 @@ def time_to_reward(curve: list, threshold: float, window: int = 3) -> float | No
     return float(t[hit[0] + w - 1]) if len(hit) else None
 
 
+def auto_threshold(curves: list[list], frac: float = 0.75, window: int = 5) -> float | None:
+    """A reward level every run reaches: ``frac`` of the way from where the runs start (mean of
+    their first ``window`` rewards) to where the weakest run ends (its last ``window``). None if
+    some run did not improve, so there is no common level above the start to time."""
+    if not curves or any(len(c) < 2 * window for c in curves):
+        return None
+    start = float(np.mean([np.mean([x[1] for x in c[:window]]) for c in curves]))
+    end = float(min(np.mean([x[1] for x in c[-window:]]) for c in curves))
+    return start + frac * (end - start) if end > start else None
+
+
 def _read_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def main(config: str, modes: str, max_staleness: str, steps: int, repeats: int, out: str,
-         overrides: list[str] | None = None) -> int:
+         overrides: list[str] | None = None, reward_threshold: float | None = None) -> int:
     from async_or1.config import load_config
     from async_or1.launch import train
 
@@ -101,7 +112,7 @@ def main(config: str, modes: str, max_staleness: str, steps: int, repeats: int, 
             print(f"bench: {mode} η={eta} round {rep}: {summ['tokens_per_s']:.0f} tok/s, "
                   f"{summ['steps_per_s']:.3f} steps/s, gen idle {summ['gen_idle_frac']:.0%}, "
                   f"learner idle {summ['learner_idle_frac']:.0%}", flush=True)
-    report = summarize(results)
+    report = summarize(results, reward_threshold)
     report["config"] = config
     report["steps"] = steps
     report["overrides"] = list(overrides or [])
@@ -118,8 +129,9 @@ def main(config: str, modes: str, max_staleness: str, steps: int, repeats: int, 
     return 0
 
 
-def summarize(results: list[dict]) -> dict:
-    """Average repeats per variant, the bound from on-policy phase times, and the ratios."""
+def summarize(results: list[dict], threshold: float | None = None) -> dict:
+    """Average repeats per variant, the bound from on-policy phase times, and the ratios; the wall
+    time to reach ``threshold`` (sampled reward, 5-step moving average; default auto_threshold)."""
     by: dict[tuple, list] = {}
     for r in results:
         by.setdefault((r["mode"], r["max_staleness"]), []).append(r)
@@ -136,14 +148,14 @@ def summarize(results: list[dict]) -> dict:
         base = onp[0]
         bound = speedup_bound(base["t_wait_s"], base["t_train_s"])
         report["bound"] = bound
-        finals = [np.mean([c[1] for c in r["reward_curve"][-3:]]) for r in runs]
-        threshold = 0.9 * float(min(finals)) if finals else 0.0
+        if threshold is None:
+            threshold = auto_threshold([r["reward_curve"] for r in runs])
         report["reward_threshold"] = threshold
-        t_base = time_to_reward(base["reward_curve"], threshold)
+        t_base = time_to_reward(base["reward_curve"], threshold, window=5) if threshold is not None else None
         for r in runs:
             r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else None
             r["speedup_vs_bound"] = r["speedup"] / bound if r["speedup"] else None
-            t = time_to_reward(r["reward_curve"], threshold)
+            t = time_to_reward(r["reward_curve"], threshold, window=5) if threshold is not None else None
             r["time_to_reward_s"] = t
             r["time_to_reward_vs_on_policy"] = (t / t_base) if (t is not None and t_base) else None
     return report

@@ -81,6 +81,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--max-staleness", default="1,2,4", help="comma list of η values for the async mode")
     t.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
     t.add_argument("--repeats", type=int, default=1, help="interleaved rounds over all modes")
+    t.add_argument("--reward-threshold", type=float, default=None,
+                   help="sampled reward to time each mode to (default: 75%% of the way from the runs' start "
+                        "to the weakest run's end)")
     t.add_argument("--out", default="bench/results/throughput.json")
     t.add_argument("overrides", nargs="*", help="dotted config overrides applied to every run")
 
@@ -169,7 +172,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from async_or1.bench_throughput import main
 
     return main(config=args.config, modes=args.modes, max_staleness=args.max_staleness, steps=args.steps,
-                repeats=args.repeats, out=args.out, overrides=args.overrides)
+                repeats=args.repeats, out=args.out, overrides=args.overrides,
+                reward_threshold=args.reward_threshold)
 
 
 def cmd_embedded(args: argparse.Namespace) -> int:

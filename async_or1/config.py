@@ -179,7 +179,10 @@ class TransportConfig:
 
 @dataclass
 class EvalConfig:
-    every_steps: int = _f(0, "Evaluate on data.eval_files every N steps (0: only before and after training).")
+    every_steps: int = _f(0, "Save a Hugging Face snapshot of the policy every N steps and evaluate it on the "
+                             "held-out rows after training (same k, problems and sampling as before/after), so "
+                             "the run has a held-out curve without slowing training; each snapshot is deleted "
+                             "once evaluated. 0: only before and after.")
     k: int = _f(4, "Samples per problem for avg@k during training-time evaluation.")
     max_problems: int = _f(200, "Held-out problems evaluated (first N).")
     max_response_tokens: int = _f(0, "0 means the last stage's max_response_tokens.")

@@ -185,8 +185,6 @@ def _stop_all(learners: list, gens: list) -> None:
 
 def run_eval(cfg: Any, model_path: str, eval_files: list, label: str, step: int, run_dir: Path) -> dict | None:
     """avg@k / pass@k on the held-out rows; appended to metrics.jsonl as an eval row."""
-    if not eval_files or cfg.eval.k <= 0 or not cfg.eval.at_start_and_end:
-        return None
     from async_or1.eval import evaluate_path
 
     t0 = time.perf_counter()
@@ -203,6 +201,16 @@ def run_eval(cfg: Any, model_path: str, eval_files: list, label: str, step: int,
     print(f"eval ({label}, step {step}): avg@{cfg.eval.k} = {res.avg_at_k:.3f}  "
           + "  ".join(f"pass@{k} = {v:.3f}" for k, v in res.pass_at_k.items()), flush=True)
     return row
+
+
+def _eval_snapshots(cfg: Any, eval_files: list, run_dir: Path) -> None:
+    """Held-out eval of the learner's periodic snapshots (eval.every_steps), oldest first, after
+    training: on a shared machine an eval during training would steal the trainer's cores."""
+    import shutil
+
+    for snap in sorted((run_dir / "snapshots").glob("step_*")):
+        run_eval(cfg, str(snap), eval_files, snap.name, int(snap.name.split("_")[1]), run_dir)
+        shutil.rmtree(snap)
 
 
 def _run_processes(cfg: Any, spec: dict, spec_path: Path, run_dir: Path, resume: bool) -> int:
@@ -260,7 +268,10 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False) -> int:
     t0 = time.time()
     inputs = resolve_inputs(cfg)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    before = None if resume else run_eval(cfg, inputs["model_path"], inputs["eval_files"], "before", 0, run_dir)
+    evals_on = bool(inputs["eval_files"]) and cfg.eval.k > 0
+    before = None
+    if evals_on and cfg.eval.at_start_and_end and not resume:
+        before = run_eval(cfg, inputs["model_path"], inputs["eval_files"], "before", 0, run_dir)
 
     from async_or1.launch_spec import write_spec
 
@@ -278,7 +289,11 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False) -> int:
     train_s = time.time() - t_train
     if rc != 0:
         return rc
-    after = run_eval(cfg, str(run_dir / "final"), inputs["eval_files"], "after", cfg.total_steps, run_dir)
+    if evals_on:
+        _eval_snapshots(cfg, inputs["eval_files"], run_dir)
+    after = None
+    if evals_on and cfg.eval.at_start_and_end:
+        after = run_eval(cfg, str(run_dir / "final"), inputs["eval_files"], "after", cfg.total_steps, run_dir)
     summary = {"run_dir": str(run_dir), "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1),
                "eval_before": before, "eval_after": after}
     if before and after:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from async_or1.bench_throughput import run_summary, speedup_bound, summarize, time_to_reward
+from async_or1.bench_throughput import auto_threshold, run_summary, speedup_bound, summarize, time_to_reward
 from async_or1.launch_spec import child_env, parse_cpu_set
 
 
@@ -57,9 +57,22 @@ def test_summarize_ratios_against_on_policy():
            **run_summary(_rows([0, 4, 8, 12], [0, 100, 100, 100], wait=3.0, train=1.0))}
     asy = {"mode": "async", "max_staleness": 1, "repeat": 0,
            **run_summary(_rows([0, 3, 6, 9], [0, 100, 100, 100], wait=0.1, train=1.0))}
-    rep = summarize([onp, asy])
+    rep = summarize([onp, asy], threshold=0.15)
     assert rep["bound"] == pytest.approx(4 / 3)
     a = [r for r in rep["runs"] if r["mode"] == "async"][0]
     assert a["speedup"] == pytest.approx((300 / 9) / (300 / 12))
     assert a["speedup_vs_bound"] == pytest.approx(a["speedup"] / (4 / 3))
-    assert np.isfinite(a["time_to_reward_vs_on_policy"])
+    # 4 points, window min(5, 4): the mean of rewards 0, .1, .2, .3 is 0.15, reached at the last step
+    assert a["time_to_reward_vs_on_policy"] == pytest.approx(9 / 12)
+    assert summarize([onp, asy])["reward_threshold"] is None       # too short for an automatic level
+
+
+def test_auto_threshold_between_start_and_weakest_end():
+    a = [[t, 0.2] for t in range(5)] + [[t, 0.8] for t in range(5, 10)]
+    b = [[t, 0.4] for t in range(5)] + [[t, 0.6] for t in range(5, 10)]
+    # start: mean(0.2, 0.4) = 0.3; weakest end 0.6; 75% of the way: 0.3 + 0.75 * 0.3
+    assert auto_threshold([a, b]) == pytest.approx(0.525)
+    worse = [[t, 0.5] for t in range(5)] + [[t, 0.1] for t in range(5, 10)]
+    assert auto_threshold([a, worse]) is None                      # a run ended below the start: no level
+    assert auto_threshold([a[:9], b]) is None                      # fewer than 2 windows of steps
+

@@ -107,9 +107,18 @@ def _check_run(run: Path, steps: int, generators: int, max_staleness: int, first
 
 def test_inprocess_loop_trains_and_broadcasts(tiny, tmp_path):
     _train(_overrides(tiny, tmp_path, "inproc", **{"transport.kind": "inproc", "learner.devices": "",
-                                                    "generation.devices": ""}))
-    summ = _check_run(tmp_path / "inproc", steps=3, generators=1, max_staleness=1)
+                                                    "generation.devices": "", "data.eval_files": str(tiny / "train.jsonl"),
+                                                    "eval.at_start_and_end": "true", "eval.every_steps": 1,
+                                                    "eval.k": 2, "eval.max_problems": 3}))
+    run = tmp_path / "inproc"
+    summ = _check_run(run, steps=3, generators=1, max_staleness=1)
     assert summ["accounting"]["trained"] == 6
+    # Held-out evals: the initial model, the snapshots of steps 1 and 2, the final model.
+    evals = [r for r in _rows(run) if r.get("eval")]
+    assert [(e["label"], e["step"]) for e in evals] == [("before", 0), ("step_000001", 1), ("step_000002", 2),
+                                                        ("after", 3)]
+    assert len((run / "eval_step_000001" / "samples.jsonl").read_text().splitlines()) == 3 * 2   # problems × k
+    assert not list((run / "snapshots").iterdir())                     # evaluated snapshots are removed
 
 
 @pytest.mark.slow

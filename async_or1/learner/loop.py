@@ -215,6 +215,10 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
                 _save(engine, ckpt_root, version, rank, side, entropy_ctl, entropy_coef, stage,
                       cfg.learner.keep_checkpoints)
                 saved_version = version
+        snap = cfg.eval.every_steps
+        if snap and version % snap == 0 and version < total:
+            with phases("snapshot"):        # collective under ZeRO-3: every rank gathers
+                engine.save_hf(run_dir / "snapshots" / f"step_{version:06d}", tokenizer=tokenizer)
         # ---- log -------------------------------------------------------------------------
         with phases("log"):
             if rank == 0:

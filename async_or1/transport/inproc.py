@@ -78,6 +78,29 @@ def _get(q: queue.Queue, deadline: float | None) -> Any:
     return q.get(timeout=max(0.0, deadline - time.monotonic()))
 
 
+def _receive(hub: InprocHub, q: queue.Queue, stats: dict, timeout_s: float | None,
+             sender: Any = None) -> tuple[str, Any] | None:
+    """(sender, message) of the next valid item, or None at the deadline. Items of the learner's
+    queue are (peer, item) pairs; a generator's inbox holds bare items from ``sender``. A frame
+    that fails to decode is counted and skipped, as on the ZeroMQ wire."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        try:
+            got = _get(q, deadline)
+        except queue.Empty:
+            return None
+        peer, item = got if sender is None else (sender, got)
+        size = len(item) if isinstance(item, bytes) else 0
+        stats["bytes_received"] += size
+        try:
+            msg = hub._unpack(item)
+        except WireError as e:
+            reject(stats, e, peer, size)
+            continue
+        stats["received"] += 1
+        return peer, msg
+
+
 class InprocLearnerEndpoint:
     def __init__(self, hub: InprocHub) -> None:
         self._hub = hub
@@ -94,23 +117,11 @@ class InprocLearnerEndpoint:
         return dict(self._stats)
 
     def recv(self, timeout_s: float | None = None) -> tuple[str, Any] | None:
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._owner:
-            while True:
-                try:
-                    peer, item = _get(self._hub._to_learner, deadline)
-                except queue.Empty:
-                    return None
-                size = len(item) if isinstance(item, bytes) else 0
-                self._stats["bytes_received"] += size
-                try:
-                    msg = self._hub._unpack(item)
-                except WireError as e:
-                    reject(self._stats, e, peer, size)
-                    continue
-                self._stats["received"] += 1
-                self._peers[peer] = None
-                return peer, msg
+            got = _receive(self._hub, self._hub._to_learner, self._stats, timeout_s)
+            if got is not None:
+                self._peers[got[0]] = None
+            return got
 
     def send(self, peer: str, msg: Any) -> bool:
         item = self._hub._pack(msg)
@@ -165,22 +176,9 @@ class InprocGeneratorEndpoint:
         self._stats["bytes_sent"] += len(item) if isinstance(item, bytes) else 0
 
     def recv(self, timeout_s: float | None = None) -> Any | None:
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._owner:
-            while True:
-                try:
-                    item = _get(self._inbox, deadline)
-                except queue.Empty:
-                    return None
-                size = len(item) if isinstance(item, bytes) else 0
-                self._stats["bytes_received"] += size
-                try:
-                    msg = self._hub._unpack(item)
-                except WireError as e:
-                    reject(self._stats, e, "learner", size)
-                    continue
-                self._stats["received"] += 1
-                return msg
+            got = _receive(self._hub, self._inbox, self._stats, timeout_s, sender="learner")
+        return None if got is None else got[1]
 
     def close(self) -> None:
         """Detach from the hub: the learner's later sends to this peer count as unroutable."""
