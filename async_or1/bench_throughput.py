@@ -102,12 +102,17 @@ def main(config: str, modes: str, max_staleness: str, steps: int, repeats: int, 
             for i in range(len(cfg.stages)):
                 cfg.stages[i].steps = steps if i == 0 else 0
             cfg.schedule = [cfg.stages[0]]
+            # Round r of every mode shares one seed and rounds differ: between-mode differences
+            # within a round are the modes', the spread across rounds is the seed's.
+            cfg.seed += rep
+            cfg.generation.seed += rep
             t0 = time.time()
             rc = train(cfg, overwrite=True)
             if rc != 0:
                 raise SystemExit(f"bench run {name} failed with exit code {rc}; see {cfg.run_dir / 'logs'}")
             summ = run_summary(_read_rows(cfg.run_dir))
-            results.append({"mode": mode, "max_staleness": eta, "repeat": rep, "wall_s": round(time.time() - t0, 1),
+            results.append({"mode": mode, "max_staleness": eta, "repeat": rep, "seed": cfg.seed,
+                            "wall_s": round(time.time() - t0, 1),
                             **summ})
             print(f"bench: {mode} η={eta} round {rep}: {summ['tokens_per_s']:.0f} tok/s, "
                   f"{summ['steps_per_s']:.3f} steps/s, gen idle {summ['gen_idle_frac']:.0%}, "
