@@ -183,7 +183,7 @@ def _stop_all(learners: list, gens: list) -> None:
             ch.signal(signal.SIGKILL)
 
 
-def run_eval(cfg: Any, model_path: str, eval_files: list, label: str, step: int, run_dir: Path) -> dict | None:
+def run_eval(cfg: Any, model_path: str, eval_files: list, label: str, step: int, run_dir: Path) -> dict:
     """avg@k / pass@k on the held-out rows; appended to metrics.jsonl as an eval row."""
     from async_or1.eval import evaluate_path
 

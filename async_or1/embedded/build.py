@@ -6,13 +6,13 @@ changes float summation order): same params, same files.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from async_or1.data.rows import write_rows
 from async_or1.embedded import task
 from async_or1.embedded.sft import SFTParams, accuracy, train_sft
 from async_or1.embedded.tokenizer import build_tokenizer
@@ -96,25 +96,13 @@ def model_difficulty(model, tok, encode, problems: list[task.ArithProblem], n: i
     """Correct count out of ``n`` samples at temperature 1 per problem (the offline filter's input)."""
     import torch
 
-    from async_or1.embedded.sampling import boxed_after_think, sample
+    from async_or1.embedded.sampling import correct_flags
 
     prompts = [encode(q) for q in problems for _ in range(n)]
     golds = [str(q.answer()) for q in problems for _ in range(n)]
-    gen = torch.Generator().manual_seed(seed + 17)
-    right: list[int] = []
-    for i in range(0, len(prompts), chunk):
-        toks, lens, _ = sample(model, prompts[i:i + chunk], eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                               max_new_tokens=max_new_tokens, generator=gen)
-        for j in range(toks.shape[0]):
-            text = tok.decode(toks[j, :int(lens[j])].tolist(), skip_special_tokens=False)
-            right.append(int(boxed_after_think(text) == golds[i + j]))
+    right = correct_flags(model, tok, prompts, golds, generator=torch.Generator().manual_seed(seed + 17),
+                          max_new_tokens=max_new_tokens, chunk=chunk)
     return [sum(right[k * n:(k + 1) * n]) for k in range(len(problems))]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
 
 
 def build(out: Path, p: BuildParams, log: Callable[[str], None] = print) -> dict:
@@ -157,9 +145,9 @@ def build(out: Path, p: BuildParams, log: Callable[[str], None] = print) -> dict
         model.generation_config.eos_token_id = tok.eos_token_id
         model.generation_config.pad_token_id = tok.pad_token_id
         model.save_pretrained(str(tok_dir), safe_serialization=True)
-        write_jsonl(out / "train.jsonl", [
+        write_rows(out / "train.jsonl", [
             task.to_row(q, i, "train", {MODEL_NAME: counts[i]} if counts else None) for i, q in enumerate(train)])
-        write_jsonl(out / "heldout.jsonl", [task.to_row(q, i, "heldout") for i, q in enumerate(heldout)])
+        write_rows(out / "heldout.jsonl", [task.to_row(q, i, "heldout") for i, q in enumerate(heldout)])
     finally:
         torch.set_num_threads(prev_threads)
     return {"parameters": n_params, "sft": report, "heldout_accuracy_t1": final, "difficulty_n": p.difficulty_n,

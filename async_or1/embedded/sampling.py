@@ -83,3 +83,16 @@ def sample(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, max_new
     is_eos = tokens == eos_id
     first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full((B,), tokens.shape[1]))
     return tokens, first, logprobs
+
+
+def correct_flags(model, tok, prompts: list[list[int]], golds: list[str], *, generator, max_new_tokens: int,
+                  temperature: float = 1.0, chunk: int = 256) -> list[bool]:
+    """One sample per prompt, in chunks of ``chunk``: is its ``\\boxed{}`` after ``</think>`` the gold?"""
+    flags: list[bool] = []
+    for i in range(0, len(prompts), chunk):
+        toks, lens, _ = sample(model, prompts[i:i + chunk], eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                               max_new_tokens=max_new_tokens, temperature=temperature, generator=generator)
+        for j in range(toks.shape[0]):
+            text = tok.decode(toks[j, :int(lens[j])].tolist(), skip_special_tokens=False)
+            flags.append(boxed_after_think(text) == golds[i + j])
+    return flags

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from async_or1.embedded import task
-from async_or1.embedded.sampling import boxed_after_think, sample
+from async_or1.embedded.sampling import correct_flags
 
 
 @dataclass(frozen=True)
@@ -57,14 +57,8 @@ def accuracy(model: Any, tok: Any, prompts: list[list[int]], golds: list[str], *
 
     was_training = model.training
     model.eval()
-    gen = torch.Generator().manual_seed(seed)
-    ok = 0
-    for i in range(0, len(prompts), chunk):
-        toks, lens, _ = sample(model, prompts[i:i + chunk], eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                               max_new_tokens=max_new_tokens, temperature=temperature, generator=gen)
-        for j in range(toks.shape[0]):
-            text = tok.decode(toks[j, :int(lens[j])].tolist(), skip_special_tokens=False)
-            ok += boxed_after_think(text) == golds[i + j]
+    ok = sum(correct_flags(model, tok, prompts, golds, generator=torch.Generator().manual_seed(seed),
+                           max_new_tokens=max_new_tokens, temperature=temperature, chunk=chunk))
     model.train(was_training)
     return ok / max(1, len(prompts))
 

@@ -8,8 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-REQUIRED_KEYS = ("step", "version", "stage", "reward_mean", "reward_mean_sampled", "entropy", "entropy_coef", "clip_frac_low",
-                 "clip_frac_high", "staleness_mean", "staleness_max", "dropped_stale", "rejected_zero_adv",
+REQUIRED_KEYS = ("step", "version", "stage", "reward_mean", "reward_mean_sampled", "entropy", "entropy_coef",
+                 "clip_frac_low", "clip_frac_high", "staleness_mean", "staleness_max", "dropped_stale", "rejected_zero_adv",
                  "trained_tokens", "tokens_per_s", "gen_idle_frac", "learner_idle_frac")
 
 
