@@ -6,11 +6,11 @@ import logging
 import threading
 import time
 
-import msgpack
 import numpy as np
 import pytest
 import zmq
 
+from async_or1.transport import codec
 from async_or1.transport import messages as m
 from async_or1.transport.inproc import InprocHub
 from async_or1.transport.messages import SCHEMA_VERSION, WireError, encode
@@ -104,10 +104,10 @@ def test_send_to_unknown_peer_is_counted_not_raised(pair, caplog):
 
 def test_bad_frames_counted_logged_and_survived(pair, caplog):
     g = pair.gen(4)
-    env = msgpack.unpackb(encode(m.LeaseRequest(4, 1)))
-    wrong_schema = msgpack.packb({**env, "schema": SCHEMA_VERSION + 1})
-    unknown = msgpack.packb({**env, "type": "Nope"})
-    extra = msgpack.packb({**env, "body": {**env["body"], "x": 1}})
+    env, _ = codec.split(encode(m.LeaseRequest(4, 1)))
+    wrong_schema = codec.join({**env, "schema": SCHEMA_VERSION + 1})
+    unknown = codec.join({**env, "type": "Nope"})
+    extra = codec.join({**env, "body": {**env["body"], "x": 1}})
     full = encode(group(4))
     with caplog.at_level(logging.WARNING, logger="async_or1.transport"):
         for raw in (b"", b"\xc1", full[: len(full) // 2], bytes(range(256)), wrong_schema, unknown, extra):

@@ -9,6 +9,7 @@ import msgpack
 import numpy as np
 import pytest
 
+from async_or1.transport import codec
 from async_or1.transport import messages as m
 from async_or1.transport.messages import SCHEMA_VERSION, WireError, decode, encode
 
@@ -86,9 +87,38 @@ def test_arrays_travel_as_raw_buffers_not_lists():
     s = sample(1000)
     data = encode(s)
     assert len(data) < 1000 * 12 + 600  # 12 bytes a token plus a small envelope
-    body = msgpack.unpackb(data)["body"]
-    assert body["logprobs"]["__nd__"] == "<f4" and body["logprobs"]["shape"] == [1000]
-    assert np.frombuffer(body["logprobs"]["data"], "<f4").tobytes() == s.logprobs.tobytes()
+    header, payload = codec.split(data)
+    ref = header["body"]["logprobs"]
+    assert ref == {"__nd__": "<f4", "shape": [1000], "at": 4000}  # after the 4000 token bytes
+    assert payload[4000:8000] == s.logprobs.tobytes() and len(payload) == 12_000
+    assert int.from_bytes(data[:4], "little") + 4 + len(payload) <= len(data)
+
+
+def test_frame_layout_by_hand():
+    """The documented layout, built without the codec: [u32 L][header][pad to 8][payload]."""
+    tokens = np.array([5, 6, 7], np.int32)
+    body = {"tokens": {"__nd__": "<i4", "shape": [3], "at": 0}, "logprobs": {"__nd__": "<f4", "shape": [3], "at": 16},
+            "versions": {"__nd__": "<i4", "shape": [3], "at": 32}, "finish_reason": "stop", "reward": 1.0,
+            "reward_details": {}}
+    header = msgpack.packb({"type": "Sample", "schema": SCHEMA_VERSION, "body": body})
+    lead = len(header).to_bytes(4, "little") + header
+    payload = (tokens.tobytes() + bytes(4) + np.full(3, -0.5, "<f4").tobytes() + bytes(4)
+               + np.zeros(3, "<i4").tobytes() + bytes(4))
+    back = decode(lead + bytes(-len(lead) % 8) + payload)
+    assert same(back, m.Sample(tokens=tokens, logprobs=np.full(3, -0.5, np.float32), versions=np.zeros(3, np.int32),
+                               finish_reason="stop", reward=1.0))
+    assert encode(back) == lead + bytes(-len(lead) % 8) + payload  # and the codec writes exactly that
+
+
+def test_received_arrays_are_read_only_views_on_the_frame():
+    data = encode(EXAMPLES[7])
+    back = decode(data)
+    frame = np.frombuffer(data, np.uint8)
+    for s in back.samples:
+        assert not s.tokens.flags.writeable
+        assert s.tokens.size == 0 or np.shares_memory(s.tokens, frame)  # no copy on receipt
+    buf = bytearray(data)  # a writable buffer (zmq frames are) still gives read-only arrays
+    assert not decode(memoryview(buf)).samples[0].logprobs.flags.writeable
 
 
 @pytest.mark.parametrize("dtype", ["bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
@@ -150,11 +180,19 @@ def test_encode_refuses_non_messages():
 # ---- rejection on receipt -------------------------------------------------------------------
 
 def envelope(msg) -> dict:
-    return msgpack.unpackb(encode(msg))
+    """The header of ``msg``'s frame; arrays in it are payload references (see ``frame_of``)."""
+    return codec.split(encode(msg))[0]
 
 
-def pack(env) -> bytes:
-    return msgpack.packb(env, use_bin_type=True)
+def pack(env, payload: bytes = b"") -> bytes:
+    return codec.join(env, payload)
+
+
+def repack(msg, edit) -> bytes:
+    """``msg``'s frame with its header edited in place by ``edit(body)`` (payload unchanged)."""
+    env, payload = codec.split(encode(msg))
+    edit(env["body"])
+    return pack(env, payload)
 
 
 def rejects(data, kind: str, needle: str, max_bytes=None) -> None:
@@ -166,20 +204,41 @@ def rejects(data, kind: str, needle: str, max_bytes=None) -> None:
 
 def test_truncated_frames_all_rejected():
     data = encode(EXAMPLES[7])  # a RolloutGroup
-    for cut in list(range(0, 200)) + list(range(200, len(data), 37)) + [len(data) - 1]:
-        rejects(data[:cut], "malformed", "not a msgpack frame")
+    n = int.from_bytes(data[:4], "little")
+    for cut in range(0, 4):
+        rejects(data[:cut], "malformed", f"frame of {cut} bytes has no header length")
+    for cut in range(4, 4 + n):
+        rejects(data[:cut], "malformed", "runs past the frame")
+    for cut in list(range(4 + n, len(data), 7)) + [len(data) - 1]:
+        with pytest.raises(WireError) as e:
+            decode(data[:cut])
+        assert e.value.kind == "malformed" and ("runs past the frame" in str(e.value) or "misplaced" in str(e.value)
+                                                or "arrays cover" in str(e.value)), str(e.value)
 
 
-def test_trailing_bytes_rejected():
-    rejects(encode(m.Shutdown()) + b"\x00", "malformed", "not a msgpack frame")
+def test_trailing_and_gap_bytes_rejected():
+    data = encode(m.Shutdown())
+    rejects(data + bytes(8), "malformed", "payload has 8 bytes, its arrays cover 0")
+    data = encode(EXAMPLES[5])  # a Sample: three arrays of 24 bytes each
+    rejects(data + bytes(8), "malformed", "payload has 80 bytes, its arrays cover 72")
+    rejects(repack(EXAMPLES[5], lambda b: b["logprobs"].update(at=32)), "malformed", "payload bytes 24..32 are not any array")
+    rejects(repack(EXAMPLES[5], lambda b: b["logprobs"].update(at=16)), "malformed",
+            "payload bytes 16..24 are shared by two arrays")
+    rejects(repack(EXAMPLES[5], lambda b: b["logprobs"].update(at=4)), "malformed", "logprobs: array of 24 bytes at "
+            "payload offset 4 is misplaced (payload has 72 bytes, offsets are multiples of 8)")
+    rejects(repack(EXAMPLES[5], lambda b: b["versions"].update(at=56)), "malformed", "Sample.versions: array of 24 "
+            "bytes at payload offset 56 is misplaced")
 
 
 def test_random_bytes_never_escape_as_other_errors():
     rng = random.Random(0)
     good = encode(EXAMPLES[7])
-    for i in range(400):
-        if i % 2:
+    for i in range(600):
+        if i % 3 == 0:
             data = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 300)))
+        elif i % 3 == 1:  # random bytes behind a plausible header length
+            n = rng.randint(0, 200)
+            data = n.to_bytes(4, "little") + bytes(rng.getrandbits(8) for _ in range(rng.randint(n, n + 64)))
         else:  # flip a few bytes of a valid frame: exercises the validator behind msgpack
             buf = bytearray(good)
             for _ in range(rng.randint(1, 4)):
@@ -203,13 +262,15 @@ def test_wrong_schema_version_and_unknown_type():
     rejects(pack({**env, "schema": "1"}), "schema", "schema version '1'")
     rejects(pack({**env, "type": "Reboot"}), "schema", "unknown message type 'Reboot'")
     rejects(pack({**env, "type": 3}), "schema", "unknown message type 3")
+    old = msgpack.packb(env)  # schema 1 frames were bare msgpack: their first bytes read as a huge length
+    rejects(old, "malformed", "runs past the frame")
 
 
 def test_not_an_envelope():
     rejects(pack([1, 2, 3]), "malformed", "not a message envelope")
     rejects(pack({"type": "Shutdown", "schema": 1}), "malformed", "not a message envelope")
     rejects(pack({**envelope(m.Shutdown()), "extra": 1}), "malformed", "not a message envelope")
-    rejects(pack({1: 2}), "malformed", "not a msgpack frame")  # non-string map keys refused by the unpacker
+    rejects(pack({1: 2}), "malformed", "header is not msgpack")  # non-string map keys refused by the unpacker
 
 
 def test_missing_and_extra_fields():
@@ -219,9 +280,10 @@ def test_missing_and_extra_fields():
     env = envelope(EXAMPLES[1])
     env["body"]["colour"] = "red"
     rejects(pack(env), "malformed", "LeaseRequest: unknown fields ['colour']")
-    env = envelope(EXAMPLES[7])
-    del env["body"]["samples"][2]["versions"]
-    rejects(pack(env), "malformed", "RolloutGroup.samples[2]: missing fields ['versions']")
+
+    def drop_versions(body):
+        del body["samples"][2]["versions"]
+    rejects(repack(EXAMPLES[7], drop_versions), "malformed", "RolloutGroup.samples[2]: missing fields ['versions']")
 
 
 def test_field_types_checked_on_receipt():
@@ -235,48 +297,60 @@ def test_field_types_checked_on_receipt():
         (8, ("shapes", 0, 1), -1.5, "WeightUpdate.shapes[0][1]: expected int"),
         (9, ("ranks",), [1, 2], "WeightGroupInit.ranks: expected a map"),
         (10, ("time",), "now", "Heartbeat.time: expected float"),
-        (7, ("samples",), {}, "RolloutGroup.samples: expected a list"),
-        (7, ("samples", 0), [], "RolloutGroup.samples[0]: expected a Sample map"),
+        (7, ("samples", 0, "reward"), {"__nd__": "<f4", "shape": [1], "at": 0}, "samples[0].reward: expected float"),
     ]
     for idx, path, value, needle in cases:
-        env = envelope(EXAMPLES[idx])
-        node = env["body"]
-        for p in path[:-1]:
-            node = node[p]
-        node[path[-1]] = value
-        rejects(pack(env), "malformed", needle)
+        def edit(body):
+            node = body
+            for p in path[:-1]:
+                node = node[p]
+            node[path[-1]] = value
+        with pytest.raises(WireError) as e:
+            decode(repack(EXAMPLES[idx], edit))
+        assert e.value.kind == "malformed" and needle in str(e.value), str(e.value)
 
 
 def test_arrays_checked_on_receipt():
     def mutate(fn):
-        env = envelope(EXAMPLES[7])
-        fn(env["body"]["samples"][0])
-        return pack(env)
+        return repack(EXAMPLES[7], lambda body: fn(body["samples"][0]))
 
-    rejects(mutate(lambda s: s["tokens"].update({"__nd__": "<i8", "data": s["tokens"]["data"] * 2})),
+    # 6 int32 tokens at payload offset 0: 24 bytes; as int64 they would need 48
+    rejects(mutate(lambda s: s["tokens"].update({"__nd__": "<i8", "shape": [3]})),
             "malformed", "samples[0].tokens: array dtype '<i8' not allowed (expected <i4)")
-    rejects(mutate(lambda s: s["logprobs"].update({"__nd__": "|O"})), "malformed", "dtype '|O' not allowed")
-    rejects(mutate(lambda s: s["tokens"].update({"data": s["tokens"]["data"][:-1]})),
-            "malformed", "samples[0].tokens: array data has 23 bytes, shape [6] of <i4 needs 24")
-    rejects(mutate(lambda s: s["tokens"].update({"shape": [2, 3]})), "malformed", "expected a 1-D array")
-    rejects(mutate(lambda s: s["tokens"].update({"shape": [-6]})), "malformed", "bad array shape")
-    rejects(mutate(lambda s: s["tokens"].update({"data": "text"})), "malformed", "array data must be bin")
-    rejects(mutate(lambda s: s["tokens"].update({"extra": 1})), "malformed", "expected an array map")
-    rejects(mutate(lambda s: s.update({"tokens": [1, 2, 3, 4, 5, 6]})), "malformed", "expected an array map")
-    # consistent lengths: 5 versions for 6 tokens
-    def short_versions(s):
-        s["versions"] = {"__nd__": "<i4", "shape": [5], "data": bytes(20)}
-    rejects(mutate(short_versions), "malformed", "RolloutGroup.samples[0]: tokens/logprobs/versions lengths differ (6/6/5)")
-    # json fields: a malformed array inside details is caught too
-    def bad_detail(s):
-        s["reward_details"]["arr"] = {"__nd__": "<f8", "shape": [2], "data": bytes(8)}
-    rejects(mutate(bad_detail), "malformed", "samples[0].reward_details.arr: array data has 8 bytes")
+    rejects(mutate(lambda s: s["logprobs"].update({"__nd__": "|O"})), "malformed",
+            "samples[0].logprobs: array dtype '|O' not allowed")
+    rejects(mutate(lambda s: s["tokens"].update({"shape": [2, 3]})), "malformed",
+            "samples[0].tokens: expected a 1-D array, got shape [2, 3]")
+    rejects(mutate(lambda s: s["tokens"].update({"shape": [-6]})), "malformed", "samples[0].tokens: bad array shape")
+    rejects(mutate(lambda s: s["tokens"].update({"at": "0"})), "malformed", "samples[0].tokens: array of 24 bytes at "
+            "payload offset '0' is misplaced")
+    rejects(mutate(lambda s: s["tokens"].update({"extra": 1})), "malformed", "samples[0].tokens: expected an array map")
+    rejects(mutate(lambda s: s["tokens"].pop("at")), "malformed", "samples[0].tokens: expected an array map")
+    rejects(mutate(lambda s: s.update({"tokens": [1, 2, 3, 4, 5, 6]})), "malformed",
+            "samples[0].tokens: expected an array map with keys ['__nd__', 'at', 'shape'], got list [1, 2, 3, 4, 5, 6]")
+
+    def short_versions(s):  # 5 versions for 6 tokens, payload re-tiled so only the lengths disagree
+        s["versions"]["shape"] = [5]
+    data = mutate(short_versions)
+    env, payload = codec.split(data)
+    at = env["body"]["samples"][0]["versions"]["at"]
+    payload = payload[:at] + payload[at:at + 20] + bytes(4) + payload[at + 24:]
+    rejects(pack(env, payload), "malformed",
+            "RolloutGroup.samples[0]: tokens/logprobs/versions lengths differ (6/6/5)")
+
+    def bad_detail(s):  # json fields: a malformed array inside details is caught, with its path
+        s["reward_details"]["arr"] = {"__nd__": "<f8", "shape": [2], "at": 10**6}
+    rejects(mutate(bad_detail), "malformed", "samples[0].reward_details.arr: array of 16 bytes at payload offset "
+            "1000000 is misplaced")
 
 
 @pytest.mark.parametrize("depth, needle", [(600, "RecursionError"), (5000, "StackError")])
 def test_hostile_nesting_is_a_wire_error(depth, needle):
     """Deep nesting inside a JSON field: refused by msgpack's stack limit or by our walk's recursion guard."""
-    data = (b"\x83" + pack("type") + pack("Heartbeat") + pack("schema") + pack(SCHEMA_VERSION) + pack("body")
+    def pack(v):
+        return msgpack.packb(v, use_bin_type=True)
+    header = (b"\x83" + pack("type") + pack("Heartbeat") + pack("schema") + pack(SCHEMA_VERSION) + pack("body")
             + b"\x84" + pack("generator_id") + pack(0) + pack("version") + pack(0) + pack("time") + pack(0.0)
             + pack("stats") + b"\x81" + pack("d") + b"\x91" * depth + b"\x90")  # [[[...[]...]]]
-    rejects(data, "malformed", needle)
+    lead = len(header).to_bytes(4, "little") + header
+    rejects(lead + bytes(-len(lead) % 8), "malformed", needle)

@@ -45,7 +45,7 @@ def generator_main(address: str, gid: int) -> int:
             msg = ep.recv(0.0)
         return None
 
-    ep.send_raw(b"\x93\x01\x02")  # a truncated msgpack array: must be counted, not crash the learner
+    ep.send_raw(b"\x93\x01\x02")  # 3 bytes, shorter than a header length: counted, never a crash
     sent = 0
     while not state["stop"]:
         ep.send(m.LeaseRequest(generator_id=gid, max_prompts=2))

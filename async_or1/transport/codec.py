@@ -1,17 +1,24 @@
 """The wire codec: ``encode(msg) -> bytes`` and ``decode(data, max_bytes) -> msg``.
 
-Envelope: {"type": class name, "schema": SCHEMA_VERSION, "body": {field: value}}.
-An array is {"__nd__": dtype str (little-endian, e.g. "<f4"), "shape": [..], "data": bin}.
+A frame is ``[u32 LE header length L][header][zero pad to 8][payload]``:
+- header: msgpack {"type": class name, "schema": SCHEMA_VERSION, "body": {field: value}};
+- an array in the header is {"__nd__": dtype str (little-endian, e.g. "<f4"), "shape": [..], "at": byte
+  offset in the payload}; its bytes lie in the payload, each array 8-aligned, zero-padded to 8.
+Arrays stay out of msgpack so that each crosses memory once per side: the sender copies every
+array's bytes into the frame once (one ``bytes.join``), the receiver's arrays are read-only views
+on the received frame (``np.frombuffer``), no copy. The payload must be tiled exactly by the
+arrays the header names (no gap, overlap or trailing byte), so a truncated or padded frame fails.
 Field specs: "int" (bool refused), "float" (an int is widened), "str", "bool", "json" (None,
 bool, int, float, str, bytes, lists, str-keyed maps, arrays), ("nd", dtype) = a 1-D array of
 exactly that dtype, ("list", spec), ("msg", class), ("map", spec) = str keys -> spec.
-Specs are compiled once into per-field functions: a group of 16 samples is validated in
-about 0.1 ms, so the wire is dominated by memory traffic, not Python (bench/transport.py).
+Specs are compiled once into per-field functions: a group of 16 samples costs about 0.1 ms of
+Python per side (plus the sender's one copy), measured by bench/transport.py.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import fields
 from typing import Any, Callable
 
@@ -23,7 +30,9 @@ from async_or1.transport.messages import (MESSAGE_TYPES, SCHEMA_VERSION, Heartbe
                                           WireError)
 
 _ND = "__nd__"
-_ND_KEYS = frozenset((_ND, "shape", "data"))
+_ND_KEYS = frozenset((_ND, "shape", "at"))
+_ALIGN = 8
+_ZEROS = bytes(_ALIGN)
 _ENVELOPE_KEYS = frozenset(("type", "schema", "body"))
 # Never object dtypes: unpacking must not be able to build arbitrary Python objects.
 _ARRAY_DTYPES = {s: np.dtype(s) for s in ("|b1", "|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8",
@@ -112,28 +121,80 @@ def _bool(v: Any) -> bool:
 
 
 # ---- arrays ---------------------------------------------------------------------------------
-def _nd_out(a: np.ndarray) -> dict:
-    flat = np.ascontiguousarray(a.reshape(-1), dtype=a.dtype.newbyteorder("<"))
-    # The array's own buffer packs as msgpack bin with one copy (into the packer), no tobytes().
-    return {_ND: flat.dtype.str, "shape": list(a.shape), "data": flat.data}
+def _pad(n: int) -> int:
+    return -n % _ALIGN
 
 
-def _nd_in(v: Any, dtype: str | None) -> np.ndarray:
-    if type(v) is not dict or v.keys() != _ND_KEYS:
-        raise WireError(f"expected an array map with keys {sorted(_ND_KEYS)}, got {_describe(v)}")
-    dt, shape, data = v[_ND], v["shape"], v["data"]
-    if not isinstance(dt, str) or dt not in _ARRAY_DTYPES or (dtype is not None and dt != dtype):
-        raise WireError(f"array dtype {dt!r} not allowed (expected {dtype or sorted(_ARRAY_DTYPES)})")
-    if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
-        raise WireError(f"bad array shape {shape!r}")
-    if dtype is not None and len(shape) != 1:
-        raise WireError(f"expected a 1-D array, got shape {shape}")
-    if type(data) is not bytes:
-        raise WireError(f"array data must be bin, got {type(data).__name__}")
-    need = math.prod(shape) * _ARRAY_DTYPES[dt].itemsize
-    if len(data) != need:
-        raise WireError(f"array data has {len(data)} bytes, shape {shape} of {dt} needs {need}")
-    return np.frombuffer(data, dtype=_ARRAY_DTYPES[dt]).reshape(shape)  # read-only view on the bytes, no copy
+def _le_contiguous(a: np.ndarray) -> np.ndarray:
+    """``a`` itself when its bytes already are one little-endian run (the common case), else a copy."""
+    if a.flags.c_contiguous and a.dtype.byteorder != ">":
+        return a
+    return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).reshape(a.shape)  # (0-d comes back 1-d)
+
+
+class _Frame:
+    """Per-call state: encode's payload parts, decode's payload view and the extents it read.
+    The field functions reach it through ``_CURRENT`` (thread-local: inproc generators encode on
+    several threads at once), so the compiled per-field functions keep one argument."""
+
+    def __init__(self, payload: memoryview | None = None) -> None:
+        self.parts: list = []
+        self.size = 0
+        self.payload = payload
+        self.nbytes = 0 if payload is None else payload.nbytes
+        self.extents: list[tuple[int, int]] = []
+
+    def __enter__(self) -> _Frame:
+        _CURRENT.frame = self
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _CURRENT.frame = None
+
+    def place(self, a: np.ndarray) -> dict:
+        """The reference to ``a`` (little-endian, C-contiguous: one flat run of bytes) in the header;
+        its bytes go to the payload, in call order."""
+        at, n = self.size, a.nbytes
+        if n:  # (a 0-d array's buffer cannot be joined; an empty one has nothing to join)
+            self.parts.append(a.data)
+            if n % _ALIGN:
+                self.parts.append(_ZEROS[:_pad(n)])
+                n += _pad(n)
+            self.size += n
+        return {_ND: a.dtype.str, "shape": list(a.shape), "at": at}
+
+    def array(self, d: Any, dtype: np.dtype | None) -> np.ndarray:
+        """A header reference -> a read-only view on the payload (``dtype``: the 1-D dtype the field needs)."""
+        if type(d) is not dict or d.keys() != _ND_KEYS:
+            raise WireError(f"expected an array map with keys {sorted(_ND_KEYS)}, got {_describe(d)}")
+        dt, shape, at = _ARRAY_DTYPES.get(d[_ND]) if type(d[_ND]) is str else None, d["shape"], d["at"]
+        if dt is None or (dtype is not None and dt is not dtype):
+            raise WireError(f"array dtype {d[_ND]!r} not allowed (expected {dtype.str if dtype else sorted(_ARRAY_DTYPES)})")
+        if type(shape) is not list or not all(type(x) is int and x >= 0 for x in shape):
+            raise WireError(f"bad array shape {shape!r}")
+        if dtype is not None and len(shape) != 1:
+            raise WireError(f"expected a 1-D array, got shape {shape}")
+        count = math.prod(shape)
+        need = count * dt.itemsize
+        if type(at) is not int or at < 0 or at % _ALIGN or at + need > self.nbytes:
+            raise WireError(f"array of {need} bytes at payload offset {at!r} is misplaced (payload has "
+                            f"{self.nbytes} bytes, offsets are multiples of {_ALIGN})")
+        if need:
+            self.extents.append((at, need))
+        return np.frombuffer(self.payload, dtype=dt, count=count, offset=at).reshape(shape)  # read-only, as the view
+
+    def check_tiling(self) -> None:
+        cursor = 0
+        for at, n in sorted(self.extents):
+            if at != cursor:
+                raise WireError(f"payload bytes {min(at, cursor)}..{max(at, cursor)} are "
+                                f"{'shared by two arrays' if at < cursor else 'not any array'}")
+            cursor = at + n + _pad(n)
+        if cursor != self.nbytes:
+            raise WireError(f"payload has {self.nbytes} bytes, its arrays cover {cursor}")
+
+
+_CURRENT = threading.local()
 
 
 def _nd_field(dtype: str) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
@@ -141,20 +202,23 @@ def _nd_field(dtype: str) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
     size = dt.itemsize
 
     def out(a: Any) -> dict:
-        if type(a) is np.ndarray and a.dtype.str == dtype and a.ndim == 1 and a.flags.c_contiguous:
-            return {_ND: dtype, "shape": [a.shape[0]], "data": a.data}  # the common case, no conversion
+        if type(a) is np.ndarray and a.dtype is dt and a.ndim == 1 and a.flags.c_contiguous:
+            return _CURRENT.frame.place(a)  # the common case: no conversion
         if isinstance(a, np.ndarray) and a.ndim == 1 and a.dtype.newbyteorder("<") == dt:
-            return _nd_out(a)  # strided or big-endian: one conversion
+            return _CURRENT.frame.place(_le_contiguous(a))
         raise WireError(f"expected a 1-D {dt} array, got {getattr(a, 'dtype', type(a).__name__)} "
                         f"{getattr(a, 'shape', '')}")
 
     def inn(v: Any) -> np.ndarray:
-        if type(v) is dict and v.keys() == _ND_KEYS:
-            shape, data = v["shape"], v["data"]
-            if (v[_ND] == dtype and type(shape) is list and len(shape) == 1 and type(shape[0]) is int
-                    and type(data) is bytes and len(data) == shape[0] * size and shape[0] >= 0):
-                return np.frombuffer(data, dtype=dt)
-        return _nd_in(v, dtype)  # raises with the precise reason
+        if type(v) is dict and len(v) == 3:  # fast path: a well-formed reference
+            shape, at, frame = v.get("shape"), v.get("at"), _CURRENT.frame
+            if (v.get(_ND) == dtype and type(shape) is list and len(shape) == 1 and type(at) is int
+                    and type(shape[0]) is int and shape[0] >= 0 and at >= 0 and not at % _ALIGN
+                    and at + shape[0] * size <= frame.nbytes):
+                if shape[0]:
+                    frame.extents.append((at, shape[0] * size))
+                return np.frombuffer(frame.payload, dtype=dt, count=shape[0], offset=at)
+        return _CURRENT.frame.array(v, dt)  # raises with the precise reason
 
     return out, inn
 
@@ -178,7 +242,7 @@ def _json_out(v: Any) -> Any:
     if isinstance(v, np.ndarray):
         if v.dtype.newbyteorder("<").str not in _ARRAY_DTYPES:
             raise WireError(f"array dtype {v.dtype} cannot travel")
-        return _nd_out(v)
+        return _CURRENT.frame.place(_le_contiguous(v))
     if isinstance(v, np.generic):
         return _json_out(v.item())
     raise WireError(f"{type(v).__name__} is not JSON-like")
@@ -187,7 +251,7 @@ def _json_out(v: Any) -> Any:
 def _json_in(v: Any) -> Any:
     if type(v) is dict:
         if _ND in v:
-            return _nd_in(v, None)
+            return _CURRENT.frame.array(v, None)
         out = {}
         for k, x in v.items():
             try:
@@ -306,24 +370,36 @@ def encode(msg: Any) -> bytes:
     if cls not in _SPECS:
         raise WireError(f"cannot encode {cls.__name__}: not a message type", kind="schema")
     try:
-        body = _msg_out(msg, cls)
-        return msgpack.packb({"type": cls.__name__, "schema": SCHEMA_VERSION, "body": body}, use_bin_type=True)
+        with _Frame() as frame:
+            body = _msg_out(msg, cls)
+        header = msgpack.packb({"type": cls.__name__, "schema": SCHEMA_VERSION, "body": body}, use_bin_type=True)
     except WireError as e:
         raise e.under(cls.__name__) from None
     except (OverflowError, TypeError, ValueError, RecursionError) as e:  # e.g. an int beyond 64 bits
         raise WireError(f"cannot pack: {type(e).__name__}: {e}", where=cls.__name__) from e
+    lead = len(header).to_bytes(4, "little")
+    return b"".join([lead, header, _ZEROS[:_pad(4 + len(header))], *frame.parts])
 
 
 def decode(data: Any, max_bytes: int | None = None) -> Any:
     """One frame (bytes-like) -> one message, fully validated; WireError with the reason otherwise.
-    Arrays are read-only views on the unpacked bytes (copy before editing in place)."""
-    size = memoryview(data).nbytes
+    Arrays are read-only views on ``data`` (which they keep alive); copy one to edit it."""
+    view = memoryview(data).toreadonly()  # arrays are views on it: read-only even if the buffer is not
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    size = view.nbytes
     if max_bytes is not None and size > max_bytes:
         raise WireError(f"frame of {size} bytes exceeds the limit of {max_bytes}", kind="oversized")
+    if size < 4:
+        raise WireError(f"frame of {size} bytes has no header length")
+    n = int.from_bytes(view[:4], "little")
+    start = 4 + n + _pad(4 + n)
+    if start > size:
+        raise WireError(f"header of {n} bytes (payload from byte {start}) runs past the frame of {size} bytes")
     try:
-        env = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+        env = msgpack.unpackb(view[4:4 + n], raw=False, strict_map_key=True, use_list=True)
     except Exception as e:  # msgpack raises ValueError, ExtraData, FormatError, StackError, UnicodeDecodeError...
-        raise WireError(f"not a msgpack frame ({size} bytes): {type(e).__name__}: {e}") from e
+        raise WireError(f"header is not msgpack ({n} bytes): {type(e).__name__}: {e}") from e
     if type(env) is not dict or env.keys() != _ENVELOPE_KEYS:
         raise WireError(f"not a message envelope (want keys {sorted(_ENVELOPE_KEYS)}): {_describe(env)}")
     if type(env["schema"]) is not int or env["schema"] != SCHEMA_VERSION:
@@ -332,8 +408,24 @@ def decode(data: Any, max_bytes: int | None = None) -> Any:
     if cls is None:
         raise WireError(f"unknown message type {env['type']!r}", kind="schema")
     try:
-        return _msg_in(env["body"], cls)
+        with _Frame(view[start:]) as frame:
+            msg = _msg_in(env["body"], cls)
+        frame.check_tiling()  # after the fields, so a bad field is reported by its path first
+        return msg
     except WireError as e:
         raise e.under(cls.__name__) from None
     except (RecursionError, TypeError, OverflowError, ValueError) as e:  # hostile nesting or sizes: never a crash
         raise WireError(f"{type(e).__name__}: {e}", where=cls.__name__) from e
+
+
+def split(data: bytes) -> tuple[dict, bytes]:
+    """A frame as (header map with array references left as maps, payload bytes): for tests and
+    debugging tools that build or inspect frames by hand. No validation beyond the framing."""
+    n = int.from_bytes(data[:4], "little")
+    return msgpack.unpackb(data[4:4 + n], raw=False), bytes(data[4 + n + _pad(4 + n):])
+
+
+def join(header: dict, payload: bytes = b"") -> bytes:
+    """The inverse of ``split``: packs ``header`` as is (hand-made references included)."""
+    h = msgpack.packb(header, use_bin_type=True)
+    return len(h).to_bytes(4, "little") + h + _ZEROS[:_pad(4 + len(h))] + payload

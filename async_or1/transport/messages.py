@@ -1,6 +1,7 @@
-"""Wire messages between generators and the learner (msgpack, explicit schema version).
+"""Wire messages between generators and the learner (msgpack header, explicit schema version).
 
-Arrays travel as raw little-endian buffers with dtype and shape, never as lists of floats.
+Arrays travel as raw little-endian buffers with dtype and shape, never as lists of floats: the
+frame's msgpack header references them in a raw payload behind it (layout in ``codec.py``).
 The dataclasses below are the schema; ``encode``/``decode`` (implemented in ``codec.py``,
 importable from here) are the only way on or off the wire.
 """
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: arrays moved out of msgpack into the frame's payload
 
 
 class WireError(ValueError):
