@@ -36,6 +36,11 @@ def run_summary(rows: list[dict], skip_first: int = 1) -> dict[str, Any]:
         "learner_idle_frac": float(np.mean([r["learner_idle_frac"] for r in timed])),
         "staleness_mean": float(np.mean([r["staleness_mean"] for r in timed])),
         "dropped_stale": int(sum(r.get("dropped_stale", 0) for r in rows)),
+        # where the time goes: how often the learner waited, and how batches were filled
+        "wait_steps_frac": float(np.mean([r.get("phase_s", {}).get("wait", 0.0) > 0.1 * r["step_s"] for r in timed])),
+        "rejected_zero_adv_per_step": float(np.mean([r.get("rejected_zero_adv", 0) for r in timed])),
+        "leases_per_step": float(np.mean([r.get("leases", 0) for r in timed])),
+        "lease_prompts_mean": float(np.mean([r["lease_prompts_mean"] for r in timed if r.get("leases")] or [0.0])),
         "t_wait_s": ph("wait"),
         "t_train_s": ph("train") + ph("broadcast") + ph("log") + ph("checkpoint"),
         # the sampled reward (every group received, rejected ones included) measures the policy;
@@ -116,7 +121,9 @@ def main(config: str, modes: str, max_staleness: str, steps: int, repeats: int, 
                             **summ})
             print(f"bench: {mode} η={eta} round {rep}: {summ['tokens_per_s']:.0f} tok/s, "
                   f"{summ['steps_per_s']:.3f} steps/s, gen idle {summ['gen_idle_frac']:.0%}, "
-                  f"learner idle {summ['learner_idle_frac']:.0%}", flush=True)
+                  f"learner idle {summ['learner_idle_frac']:.0%} (waited in {summ['wait_steps_frac']:.0%} of steps), "
+                  f"{summ['leases_per_step']:.1f} leases/step of {summ['lease_prompts_mean']:.1f} prompts, "
+                  f"{summ['rejected_zero_adv_per_step']:.1f} zero-advantage groups/step", flush=True)
     report = summarize(results, reward_threshold)
     report["config"] = config
     report["steps"] = steps
@@ -144,7 +151,8 @@ def summarize(results: list[dict], threshold: float | None = None) -> dict:
     for (mode, eta), rs in by.items():
         avg = {k: float(np.mean([r[k] for r in rs])) for k in
                ("tokens_per_s", "steps_per_s", "gen_idle_frac", "learner_idle_frac", "staleness_mean",
-                "t_wait_s", "t_train_s")}
+                "t_wait_s", "t_train_s", "wait_steps_frac", "rejected_zero_adv_per_step", "leases_per_step",
+                "lease_prompts_mean")}
         runs.append({"mode": mode, "max_staleness": eta, "repeats": len(rs), **avg,
                      "reward_curve": rs[0]["reward_curve"]})
     report: dict[str, Any] = {"runs": runs, "raw": results}
@@ -156,11 +164,15 @@ def summarize(results: list[dict], threshold: float | None = None) -> dict:
         if threshold is None:
             threshold = auto_threshold([r["reward_curve"] for r in runs])
         report["reward_threshold"] = threshold
-        t_base = time_to_reward(base["reward_curve"], threshold, window=5) if threshold is not None else None
+
+        def reach(run: dict) -> float | None:
+            return time_to_reward(run["reward_curve"], threshold, window=5) if threshold is not None else None
+
+        t_base = reach(base)
         for r in runs:
             r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else None
             r["speedup_vs_bound"] = r["speedup"] / bound if r["speedup"] else None
-            t = time_to_reward(r["reward_curve"], threshold, window=5) if threshold is not None else None
+            t = reach(r)
             r["time_to_reward_s"] = t
             r["time_to_reward_vs_on_policy"] = (t / t_base) if (t is not None and t_base) else None
     return report

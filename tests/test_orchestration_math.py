@@ -40,7 +40,8 @@ def test_time_to_reward_moving_average():
 def _rows(times, tokens, wait, train):
     return [{"step": i, "time_s": t, "trained_tokens": n, "gen_idle_frac": 0.5, "learner_idle_frac": 0.25,
              "staleness_mean": 0.5, "reward_mean": 0.1 * i, "reward_mean_sampled": 0.1 * i,
-             "phase_s": {"wait": wait, "train": train}}
+             "phase_s": {"wait": wait, "train": train}, "step_s": wait + train, "rejected_zero_adv": i,
+             "leases": i % 3, "lease_prompts_mean": 16.0 / max(i % 3, 1) if i % 3 else 0.0}
             for i, (t, n) in enumerate(zip(times, tokens))]
 
 
@@ -50,6 +51,17 @@ def test_run_summary_skips_start_up_step():
     assert s["tokens_per_s"] == pytest.approx(200 / 4.0)
     assert s["steps_per_s"] == pytest.approx(2 / 4.0)
     assert s["t_wait_s"] == 1.0 and s["t_train_s"] == 1.0
+
+
+def test_run_summary_where_the_time_goes():
+    rows = _rows([0, 2, 4, 6, 8], [0, 10, 10, 10, 10], wait=0.5, train=1.5)
+    rows[2]["phase_s"]["wait"] = 0.1    # 0.1 of a 2 s step: not a waiting step (threshold: > 10% of the step)
+    s = run_summary(rows)               # timed steps 1..4: waits .5 .1 .5 .5 of 2 s steps
+    assert s["wait_steps_frac"] == pytest.approx(3 / 4)
+    assert s["rejected_zero_adv_per_step"] == pytest.approx((1 + 2 + 3 + 4) / 4)
+    # leases per step 1, 2, 0, 1 → mean 1; prompts per lease over steps with leases: 16, 8, 16
+    assert s["leases_per_step"] == pytest.approx(1.0)
+    assert s["lease_prompts_mean"] == pytest.approx((16 + 8 + 16) / 3)
 
 
 def test_summarize_ratios_against_on_policy():

@@ -275,3 +275,11 @@ def test_one_lease_may_hold_a_problem_twice_and_a_checkpoint_lists_what_is_outst
         th.join(10)
         ctl.stop()
     buf.check_accounting()
+
+
+def test_prompt_id_round_trip():
+    from async_or1.learner.controller import prompt_id, uid_of_prompt_id
+
+    assert prompt_id("train:17", 12, 3) == "train:17@12.3"
+    assert uid_of_prompt_id(prompt_id("train:17", 12, 3)) == "train:17"
+    assert uid_of_prompt_id(prompt_id("user@host:5", 1, 0)) == "user@host:5"  # an '@' in the uid survives

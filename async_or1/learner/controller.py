@@ -21,6 +21,17 @@ from typing import Any, Callable
 log = logging.getLogger("async_or1.controller")
 
 
+def prompt_id(uid: str, lease_id: int, slot: int) -> str:
+    """A leased prompt's id ``uid@lease.slot``. The slot keeps ids unique when a lease spans an
+    epoch boundary and the new epoch's order repeats a problem already in it."""
+    return f"{uid}@{lease_id}.{slot}"
+
+
+def uid_of_prompt_id(pid: str) -> str:
+    """The problem uid back from ``prompt_id`` (uids may contain '@'; the lease part cannot)."""
+    return pid.rsplit("@", 1)[0]
+
+
 class Controller:
     def __init__(self, *, endpoint: Any, buffer: Any, source: Any, encode_prompt: Callable[[Any], list],
                  stage_at: Callable[[int], tuple], num_generators: int, prompts_per_step_at: Callable[[int], int],
@@ -48,6 +59,7 @@ class Controller:
         self.lost_generators = 0
         self._idle_mark: dict[int, tuple[float, float]] = {}
         self.received_fingerprints: dict[int, dict[int, str]] = {}  # generator_id -> {version: sha1}
+        self._lease_sizes: list[int] = []     # prompts per lease granted since take_lease_sizes()
         self.error: BaseException | None = None
 
     # ---- called from the training thread -----------------------------------------------
@@ -103,6 +115,13 @@ class Controller:
                     wall += v["wall_s"] - w0
                 self._idle_mark[g] = (v["idle_s"], v["wall_s"])
         return idle / wall if wall > 0 else 0.0
+
+    def take_lease_sizes(self) -> list[int]:
+        """Prompts in each lease granted since the previous call (a step's refill pattern: many
+        small leases mean the generators fill a batch in several sequential rounds)."""
+        with self.lock:
+            out, self._lease_sizes = self._lease_sizes, []
+        return out
 
     def on_stage_start(self, stage: int) -> dict:
         with self.lock:
@@ -205,7 +224,7 @@ class Controller:
         """Caller holds the lock. Problems whose groups are queued or still being generated: a
         checkpoint puts them first in the source's re-issue line, so a resumed run trains on every
         prompt the interrupted one had started (their groups themselves are lost_on_resume)."""
-        return [pid.rsplit("@", 1)[0] for pid in self.buffer.outstanding_prompt_ids()]
+        return [uid_of_prompt_id(pid) for pid in self.buffer.outstanding_prompt_ids()]
 
     def _lose_generator(self, gid: int) -> None:
         """Caller holds the lock. Every prompt the generator still held goes back to the source."""
@@ -270,9 +289,7 @@ class Controller:
                 lease_id = next(self._lease_ids)
                 prompts = []
                 for i, pr in enumerate(problems):
-                    # the slot index keeps ids unique when a lease spans an epoch boundary and
-                    # the new epoch's order repeats a problem already in it
-                    pid = f"{pr.uid}@{lease_id}.{i}"
+                    pid = prompt_id(pr.uid, lease_id, i)
                     self.uid_of[pid] = pr.uid
                     prompts.append(m.Prompt(prompt_id=pid, token_ids=self._tokens(pr), ability=pr.ability,
                                             ground_truth=pr.ground_truth, stage=stage_idx,
@@ -283,6 +300,7 @@ class Controller:
                                          "prompt_ids": {p.prompt_id for p in prompts}}
                 self.endpoint.send(peer, m.PromptLease(lease_id=lease_id, prompts=prompts,
                                                        min_version=self.broadcast_version))
+                self._lease_sizes.append(len(prompts))
                 del self.pending[peer]
 
     def _tokens(self, problem: Any) -> Any:

@@ -226,6 +226,7 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
                 ph = phases.take()
                 wall = now - last_step_end
                 last_step_end = now
+                leases = side.controller.take_lease_sizes()
                 row = {"step": version - 1, "version": version, "stage": stage, "time_s": round(time.time() - t_start, 3),
                        **batch_stats(groups, version - 1),
                        "entropy": entropy, "entropy_coef": payload["entropy_coef"], "next_entropy_coef": entropy_coef,
@@ -235,6 +236,7 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
                        "ratio_mean": stats["ratio_sum"] / max(stats["token_count"], 1),
                        "trained_tokens": payload["num_tokens"], "tokens_per_s": payload["num_tokens"] / max(wall, 1e-9),
                        "step_s": wall, "gen_idle_frac": side.controller.gen_idle_frac(),
+                       "leases": len(leases), "lease_prompts_mean": sum(leases) / len(leases) if leases else 0.0,
                        "learner_idle_frac": ph.get("wait", 0.0) / max(wall, 1e-9),
                        "phase_s": {k: round(v, 4) for k, v in ph.items()},
                        **side.buffer.step_metrics(version)}
