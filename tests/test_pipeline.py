@@ -107,6 +107,7 @@ def _check_run(run: Path, steps: int, generators: int, max_staleness: int, first
 
 def test_inprocess_loop_trains_and_broadcasts(tiny, tmp_path):
     _train(_overrides(tiny, tmp_path, "inproc", **{"transport.kind": "inproc", "learner.devices": "",
+                                                    "buffer.max_staleness": 1,
                                                     "generation.devices": "", "data.eval_files": str(tiny / "train.jsonl"),
                                                     "eval.at_start_and_end": "true", "eval.every_steps": 1,
                                                     "eval.k": 2, "eval.max_problems": 3}))

@@ -35,6 +35,7 @@ class Source:
         self.problems = [Problem(f"p{i}", [{"role": "user", "content": f"q{i}"}], "math", [str(i)]) for i in range(n)]
         self.k = 0
         self.reissued: list[str] = []
+        self.reissued_ever: list[str] = []  # every uid handed back (``reissued`` drains as leases take them)
         self.results: list = []
 
     def next_prompts(self, n: int, step: int) -> list:
@@ -50,6 +51,7 @@ class Source:
 
     def reissue(self, uids: list) -> None:
         self.reissued = list(uids) + self.reissued
+        self.reissued_ever += list(uids)
 
     def record_result(self, uid, stage, n_correct, n) -> None:
         self.results.append((uid, n_correct, n))
@@ -66,25 +68,45 @@ class FakeEngine:
         self.version = 0
         self.step_s = step_s
         self._abort = False
+        self.max_live = 0  # most requests running at once
 
-    def generate(self, requests, between_steps=None):
-        n = max(r.params.max_new_tokens for r in requests)
-        toks = {r.request_id: [] for r in requests}
-        vers = {r.request_id: [] for r in requests}
-        for t in range(n):
+    def generate(self, requests, between_steps=None, on_result=None, more=None):
+        """Every running request gains one token per step; requests from ``more`` join at once."""
+        order, live, out = [], {}, {}
+        toks, vers = {}, {}
+
+        def add(new):
+            for r in new:
+                order.append(r.request_id)
+                live[r.request_id] = r
+                toks[r.request_id], vers[r.request_id] = [], []
+            return bool(new)
+
+        def finish(rid, reason):
+            r = live.pop(rid)
+            out[rid] = GenResult(rid, toks[rid], [-0.5] * len(toks[rid]), vers[rid], reason)
+            if on_result:
+                on_result(out[rid])
+
+        add(requests)
+        while live or (more is not None and add(more())):
             if self._abort:
+                for rid in list(live):
+                    finish(rid, "aborted")
                 break
-            for r in requests:
-                if t < r.params.max_new_tokens:
-                    toks[r.request_id].append(7 + t)
-                    vers[r.request_id].append(self.version)
+            self.max_live = max(self.max_live, len(live))
+            for rid, r in list(live.items()):
+                toks[rid].append(7 + len(toks[rid]))
+                vers[rid].append(self.version)
+                if len(toks[rid]) >= r.params.max_new_tokens:
+                    finish(rid, "length")
             time.sleep(self.step_s)
             if between_steps:
                 between_steps()
-        done = not self._abort
+            if more is not None and not self._abort:
+                add(more())
         self._abort = False
-        return [GenResult(r.request_id, toks[r.request_id], [-0.5] * len(toks[r.request_id]), vers[r.request_id],
-                          "length" if done else "aborted") for r in requests]
+        return [out[rid] for rid in order]
 
     def abort(self):
         self._abort = True
@@ -214,6 +236,27 @@ def test_async_versions_change_in_flight_and_staleness_bounded():
     buf.check_accounting()
 
 
+def test_the_next_lease_joins_the_running_batch():
+    """Continuous leasing: with one prompt (4 requests) per lease, the worker asks for the next
+    lease while the first decodes, and its requests run alongside instead of after."""
+    hub, buf, src, ctl, eng, worker = _rig(max_staleness=2, tokens=30, prompts_per_lease=1)
+    eng.step_s = 0.003
+    th = _start(ctl, worker)
+    try:
+        for v in range(3):
+            assert buf.take_batch(v, 2, timeout_s=20) is not None
+            ctl.set_version(v + 1)
+    finally:
+        ctl.finish()
+        th.join(10)
+        ctl.stop()
+    assert eng.max_live == 8  # two leases at once, never more (asks only with <= 1 lease's prompts open)
+    deadline = time.time() + 5
+    while buf.accounting()["in_flight"] and time.time() < deadline:
+        time.sleep(0.05)
+    buf.check_accounting()
+
+
 def test_shutdown_returns_unfinished_leases_and_they_are_reissued():
     hub, buf, src, ctl, eng, worker = _rig(max_staleness=2, tokens=400)
     eng.step_s = 0.01
@@ -226,7 +269,7 @@ def test_shutdown_returns_unfinished_leases_and_they_are_reissued():
     ctl.stop()
     a = buf.accounting()
     assert a["returned"] >= 1 and a["in_flight"] == 0
-    assert len(src.reissued) == a["returned"]
+    assert len(src.reissued_ever) == a["returned"]
     buf.check_accounting()
 
 
@@ -245,7 +288,7 @@ def test_restarted_generator_loses_its_leases_to_reissue():
     while buf.accounting()["dropped"].get("generator_lost", 0) < held and time.time() < deadline:
         time.sleep(0.01)
     assert buf.accounting()["dropped"]["generator_lost"] == held
-    assert len(src.reissued) >= held
+    assert len(src.reissued_ever) >= held
     worker.stopping = True
     eng.abort()
     th.join(10)
@@ -283,3 +326,31 @@ def test_prompt_id_round_trip():
     assert prompt_id("train:17", 12, 3) == "train:17@12.3"
     assert uid_of_prompt_id(prompt_id("train:17", 12, 3)) == "train:17"
     assert uid_of_prompt_id(prompt_id("user@host:5", 1, 0)) == "user@host:5"  # an '@' in the uid survives
+
+
+@pytest.mark.parametrize("eta, want", [(0, 3), (1, 2), (2, 2)])
+def test_lease_min_version_is_never_older_than_version_minus_eta(eta, want):
+    """Room opens when the learner bumps its version, before that version's weights are out: a
+    lease granted in that gap must not let its prompts start on weights they would be stale by."""
+    from async_or1.config import StageConfig
+
+    stage = StageConfig(steps=100, max_response_tokens=4, prompts_per_step=1, samples_per_prompt=2)
+    hub = InprocHub()
+    buf = ReplayBuffer(eta, lambda s: 1)
+    ctl = Controller(endpoint=hub.learner(), buffer=buf, source=Source(5), encode_prompt=lambda pr: [1],
+                     stage_at=lambda step: (0, stage), num_generators=1, prompts_per_step_at=lambda s: 1)
+    gen = hub.generator(0)
+    ctl.start()
+    try:
+        ctl.set_version(3, broadcast_version=2)  # version 3 trained, its broadcast still going out
+        ctl.leasing_open = True
+        gen.send(m.LeaseRequest(generator_id=0, max_prompts=1))
+        lease = None
+        deadline = time.time() + 10
+        while lease is None and time.time() < deadline:
+            msg = gen.recv(0.1)
+            lease = msg if isinstance(msg, m.PromptLease) else None
+        assert lease is not None and len(lease.prompts) == 1
+        assert lease.min_version == want  # max(broadcast 2, version 3 − η)
+    finally:
+        ctl.stop()

@@ -278,3 +278,24 @@ def test_pause_without_arguments_for_sglang_055():
     eng.init_weight_group(SPEC)
     eng.update_weights(_update())
     assert [c[0] for c in calls[-3:]] == ["pause0", "update", "continue0"]
+
+
+def test_results_stream_and_requests_from_more_join_with_their_own_version():
+    fake = FakeEngine05(polls=1)
+    eng = SGLangEngine("unused", engine=fake, io_struct=IO, version=4, poll_s=0.01)
+    eng.init_weight_group(SPEC)
+    later = [[GenRequest("late", [20], SamplingParams(max_new_tokens=2))]]
+    ticks, got = [], []
+
+    def between():
+        ticks.append(1)
+        if len(ticks) == 1:
+            eng.update_weights(_update(version=5))
+
+    res = eng.generate(_reqs(2), between_steps=between, on_result=lambda r: got.append(r.request_id),
+                       more=lambda: later.pop() if later and ticks else [])
+    assert [r.request_id for r in res] == ["p/0", "p/1", "late"]  # submission order
+    assert sorted(got) == ["late", "p/0", "p/1"]                  # each handed over as it landed
+    assert res[2].tokens == [21, 22] and res[2].versions == [5, 5]  # submitted after the update
+    assert res[0].versions == [4, 4, 4]                            # submitted before it: never claim newer
+    assert [c for c in fake.calls if c[0] == "generate"] == [("generate", 1, True)] * 3  # one task per request

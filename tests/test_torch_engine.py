@@ -80,6 +80,38 @@ def test_refilling_keeps_slots_busy_and_matches_running_alone(engine):
         assert max(abs(a - b) for a, b in zip(alone.logprobs, r.logprobs)) < 1e-5
 
 
+def test_requests_from_more_join_the_running_batch(engine):
+    """Continuous leasing: requests handed over by ``more`` mid-run (one with a longer budget and
+    an extra stop token than the batch was built for) sample exactly what they sample alone, and
+    every result reaches ``on_result`` the moment its request finishes."""
+    eng = TorchEngine(engine.model.name_or_path, max_batch_size=3, seed=3)
+    reqs = _requests(6, data_seed=5, temperature=1.1, seed=lambda i: 300 + i,
+                     max_new_tokens=lambda i: [30, 4, 4, 50, 3, 8][i])
+    reqs[3].params.stop_token_ids = [VOCAB + 5, VOCAB + 6]  # never sampled: widens the stop buffer only
+    first, later = reqs[:3], {3: [reqs[3], reqs[4]], 12: [reqs[5]]}
+    steps, seen = [0], []
+
+    def more():
+        return later.pop(steps[0], [])
+
+    def on_result(r):
+        seen.append((steps[0], r.request_id))
+
+    results = eng.generate(first, between_steps=lambda: steps.__setitem__(0, steps[0] + 1), on_result=on_result,
+                           more=more)
+    assert [r.request_id for r in results] == [q.request_id for q in reqs]  # submission order
+    assert [len(r.tokens) for r in results] == [30, 4, 4, 50, 3, 8]
+    assert sorted(rid for _, rid in seen) == sorted(q.request_id for q in reqs)
+    done_at = dict((rid, step) for step, rid in seen)
+    assert done_at["r1"] < done_at["r0"] and done_at["r4"] < done_at["r3"]  # handed over when finished
+    assert done_at["r5"] < done_at["r3"]      # joined at step 12 and finished while r3 still ran
+    for q, r in zip(reqs, results):
+        alone = eng.generate([q])[0]
+        assert alone.tokens == r.tokens, q.request_id
+        assert max(abs(a - b) for a, b in zip(alone.logprobs, r.logprobs)) < 1e-5
+    assert eng.generate([], more=lambda: []) == []
+
+
 def test_prefill_budget_and_bf16_do_not_change_what_is_sampled(model_dir):
     reqs = _requests(6, data_seed=8, temperature=0.9, seed=lambda i: 50 + i)
     wide = TorchEngine(model_dir, max_batch_size=4).generate(reqs)

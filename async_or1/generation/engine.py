@@ -73,14 +73,19 @@ class Engine(Protocol):
     @property
     def version(self) -> int: ...
 
-    def generate(self, requests: list[GenRequest],
-                 between_steps: Callable[[], None] | None = None) -> list[GenResult]:
-        """Sample every request to completion; results in request order.
+    def generate(self, requests: list[GenRequest], between_steps: Callable[[], None] | None = None,
+                 on_result: Callable[[GenResult], None] | None = None,
+                 more: Callable[[], list[GenRequest]] | None = None) -> list[GenResult]:
+        """Sample every request to completion; results in submission order.
 
         ``between_steps`` is called between decode steps (torch engine; the SGLang adapter calls
         it every poll interval) so that the worker can take new weights in flight; tokens
-        produced after a switch carry the new version. Raises ValueError naming the request for
-        an invalid one (empty prompt, token outside the vocabulary, bad sampling parameter)."""
+        produced after a switch carry the new version. ``on_result`` is called with each result
+        as soon as its request finishes (so a whole group can leave before the batch drains).
+        ``more``, called at the same points, returns further requests to sample in the same run:
+        they join the running batch as slots free (continuous leasing), and the call returns only
+        when every request is done and ``more`` has nothing left. Raises ValueError naming the
+        request for an invalid one (empty prompt, token outside the vocabulary, bad parameter)."""
 
     def init_weight_group(self, spec: WeightGroupSpec) -> None:
         """Join (or re-join, destroying the previous one) the weight broadcast group."""

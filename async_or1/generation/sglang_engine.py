@@ -185,35 +185,55 @@ class SGLangEngine:
         return self._loop().run_until_complete(aw) if inspect.isawaitable(aw) else aw
 
     # ---- generation ------------------------------------------------------------------------
-    def generate(self, requests: list[GenRequest],
-                 between_steps: Callable[[], None] | None = None) -> list[GenResult]:
-        """One batched ``async_generate``; ``between_steps`` runs every ``poll_s`` while SGLang works
-        (its scheduler keeps going in its own processes; only our loop stops for the callback)."""
-        for r in requests:
-            check_request(r)
-        if not requests:
-            return []
-        version = self._version
+    def generate(self, requests: list[GenRequest], between_steps: Callable[[], None] | None = None,
+                 on_result: Callable[[GenResult], None] | None = None,
+                 more: Callable[[], list[GenRequest]] | None = None) -> list[GenResult]:
+        """One ``async_generate`` task per request (SGLang's scheduler batches them continuously),
+        so each result is handed to ``on_result`` when it lands and requests from ``more`` join
+        while the others run. ``between_steps`` and ``more`` run every ``poll_s`` (SGLang keeps
+        going in its own processes; only our loop stops for them)."""
+        submitted: list[GenRequest] = []
+        results: list[GenResult | None] = []
         loop = self._loop()
-        task = loop.create_task(self.engine.async_generate(**generate_kwargs(requests)))
+        tasks: dict[Any, tuple[int, int]] = {}  # task -> (index, version at submission)
+
+        def submit(new: list[GenRequest]) -> bool:
+            for r in new:
+                check_request(r)
+            for r in new:
+                tasks[loop.create_task(self.engine.async_generate(**generate_kwargs([r])))] = (len(submitted),
+                                                                                                 self._version)
+                submitted.append(r)
+                results.append(None)
+            return bool(new)
+
+        submit(list(requests))
         aborted = False
         try:
-            while not task.done():
-                loop.run_until_complete(asyncio.wait({task}, timeout=self.poll_s))
-                if task.done():
-                    break
+            while tasks or (more is not None and not aborted and submit(list(more()))):
+                done, _ = loop.run_until_complete(asyncio.wait(set(tasks), timeout=self.poll_s,
+                                                               return_when=asyncio.FIRST_COMPLETED))
+                for task in done:
+                    i, version = tasks.pop(task)
+                    outs = task.result()
+                    outs = [outs] if isinstance(outs, dict) else list(outs)
+                    if len(outs) != 1:
+                        raise RuntimeError(f"sglang_engine: {len(outs)} outputs for request {submitted[i].request_id!r}")
+                    results[i] = parse_output(outs[0], submitted[i].request_id, version)
+                    if on_result is not None:
+                        on_result(results[i])
+                if not tasks:
+                    continue
                 if self._abort and not aborted:
                     self._abort_all()
                     aborted = True
                 if between_steps is not None:
                     between_steps()
+                if more is not None and not aborted and not self._abort:
+                    submit(list(more()))
         finally:
             self._abort = False
-        outs = task.result()
-        outs = [outs] if isinstance(outs, dict) else list(outs)
-        if len(outs) != len(requests):
-            raise RuntimeError(f"sglang_engine: {len(outs)} outputs for {len(requests)} requests")
-        return [parse_output(o, r.request_id, version) for o, r in zip(outs, requests)]
+        return results  # type: ignore[return-value]
 
     def abort(self) -> None:
         self._abort = True

@@ -124,6 +124,19 @@ class RunningBatch:
         if self.kv.keys and self.n + 1 > self.kv.capacity:
             self._relayout(list(range(self.rows)), self.rows, 0, 1)
 
+    def fit(self, max_new: int, n_stop: int) -> None:
+        """Widen the per-row output and stop buffers for a request that joins later (continuous
+        leasing) with a longer ``max_new`` or more stop tokens than the batch was built for."""
+        if max_new > self.max_len:
+            extra = max_new - self.max_len
+            self.out_tok = torch.nn.functional.pad(self.out_tok, (0, extra))
+            self.out_lp = torch.nn.functional.pad(self.out_lp, (0, extra))
+            self.out_ver = torch.nn.functional.pad(self.out_ver, (0, extra))
+            self.max_len = max_new
+        if n_stop > self.n_stop:
+            self.stop = torch.nn.functional.pad(self.stop, (0, n_stop - self.n_stop), value=-1)
+            self.n_stop = n_stop
+
     # ---- admission ---------------------------------------------------------------------------
     def admit(self, items: list[Admit], version: int) -> list[Finished]:
         """Prefill ``items`` together, sample their first tokens, and seat them in free rows.

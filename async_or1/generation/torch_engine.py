@@ -83,29 +83,41 @@ class TorchEngine:
         return self._version
 
     # ---- generation ----------------------------------------------------------------------------
-    def generate(self, requests: list[GenRequest],
-                 between_steps: Callable[[], None] | None = None) -> list[GenResult]:
+    def generate(self, requests: list[GenRequest], between_steps: Callable[[], None] | None = None,
+                 on_result: Callable[[GenResult], None] | None = None,
+                 more: Callable[[], list[GenRequest]] | None = None) -> list[GenResult]:
+        requests = list(requests)
         admits = [self._admit_item(i, r) for i, r in enumerate(requests)]
-        if not admits:
-            return []
         results: list[GenResult | None] = [None] * len(requests)
 
         def record(done: list[Finished]) -> None:
             for f in done:
-                rid = requests[f.index].request_id
-                results[f.index] = GenResult(rid, f.tokens, f.logprobs, f.versions, f.reason)  # type: ignore[arg-type]
+                res = GenResult(requests[f.index].request_id, f.tokens, f.logprobs, f.versions, f.reason)  # type: ignore[arg-type]
+                results[f.index] = res
+                if on_result is not None:
+                    on_result(res)
+
+        def top_up() -> bool:
+            """Requests from ``more`` join the waiting line (behind the ones already there)."""
+            new = list(more()) if more is not None else []
+            for r in new:
+                a = self._admit_item(len(requests), r)
+                requests.append(r)
+                results.append(None)
+                waiting.insert(0, a)  # pop() takes from the end: the newest wait longest
+                batch.fit(a.max_new, len(a.stop))
+            return bool(new)
 
         batch = RunningBatch(self._forward, self.model.dtype, self.device, self.max_batch_size,
-                             max(a.max_new for a in admits), max(len(a.stop) for a in admits))
+                             max((a.max_new for a in admits), default=1), max((len(a.stop) for a in admits), default=1))
         waiting = list(reversed(admits))  # pop() from the end = request order
         self._abort.clear()  # an abort() belongs to the generate() it interrupts
         try:
-            while waiting or batch.n_active:
+            while waiting or batch.n_active or top_up():
                 if self._abort.is_set():
                     with torch.inference_mode():
                         record(batch.abort_all())
-                    for a in waiting:
-                        record([Finished(a.index, [], [], [], "aborted")])
+                    record([Finished(a.index, [], [], [], "aborted") for a in reversed(waiting)])
                     waiting.clear()
                     break
                 with torch.inference_mode():
@@ -119,6 +131,8 @@ class TorchEngine:
                 # Outside inference_mode: a weight load here writes into ordinary parameters.
                 if between_steps is not None:
                     between_steps()
+                if more is not None and not self._abort.is_set():
+                    top_up()
         finally:
             self._abort.clear()
         missing = [requests[i].request_id for i, r in enumerate(results) if r is None]

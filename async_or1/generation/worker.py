@@ -2,12 +2,20 @@
 
     lease prompts → generate G responses per prompt → score them → send one group per prompt
 
-Weights arrive while it works: between decode steps (``weight_update: in_flight``) or
-after the current batch (``between_requests``). Every token carries the version of the
-weights that produced it, so the learner can bound staleness honestly either way.
+The phases stream (continuous leasing): while a batch decodes, the worker already asks for
+the next lease, and its prompts join the running batch as slots free; each group is scored and
+sent the moment its G-th response finishes. So a refill lease (for groups the learner rejected)
+does not wait for the slowest response of the previous one, and the engine never drains
+between leases while admission control has room.
 
-A group is sent whole or not at all: on shutdown (a Shutdown message or SIGTERM) the
-prompts of an unfinished lease go back to the learner with a ReturnLease and are re-issued.
+Weights arrive while it works: between decode steps (``weight_update: in_flight``) or, with
+``between_requests``, once the running batch has drained (no new prompts join while an update
+waits). Every token carries the version of the weights that produced it, so the learner can
+bound staleness honestly either way. A lease's prompts start only on weights at least its
+``min_version``.
+
+A group is sent whole or not at all: on shutdown (a Shutdown message or SIGTERM) the unsent
+prompts of every open lease go back to the learner with a ReturnLease and are re-issued.
 """
 
 from __future__ import annotations
@@ -51,7 +59,9 @@ class GeneratorWorker:
         self.stopping = False
         self.incarnation = f"{os.getpid()}-{time.time():.6f}"
         self._pending_weights: list = []
-        self._lease = None
+        self._leases: list = []      # granted, not started yet (in arrival order)
+        self._asked = False          # a LeaseRequest is out and unanswered
+        self._open: dict[str, dict] = {}  # prompt_id -> {"lease", "prompt", "results", "aborted"}: started, unsent
         self._generating = False
         self._last_heartbeat = 0.0
         self._started = time.perf_counter()
@@ -82,7 +92,8 @@ class GeneratorWorker:
                 self.join_weight_group(msg)
             self.weight_group_epoch = msg.epoch
         elif isinstance(msg, m.PromptLease):
-            self._lease = msg
+            self._leases.append(msg)
+            self._asked = False
         elif isinstance(msg, m.Shutdown):
             log.info("gen %d: shutdown (%s)", self.gid, msg.reason)
             self.stopping = True
@@ -124,18 +135,25 @@ class GeneratorWorker:
                                        stats=stats))
 
     # ---- phases --------------------------------------------------------------------
-    def lease(self) -> Any | None:
-        """Ask for prompts and wait (idle) until they come and our weights are recent enough."""
+    def _ask(self, again: bool = False) -> None:
+        """One LeaseRequest out at a time while streaming. ``again``: ask even if one is out (the
+        learner keeps one pending request per generator, so a repeat replaces it; a lease granted
+        twice just queues here)."""
         from async_or1.transport import messages as m
 
-        with self.phases("idle"):
-            self._lease = None
+        if (again or not self._asked) and not self._leases:
             self.endpoint.send(m.LeaseRequest(generator_id=self.gid, max_prompts=self.prompts_per_lease))
+            self._asked = True
+
+    def lease(self) -> Any | None:
+        """Ask for prompts and wait (idle) until they come and our weights are recent enough."""
+        with self.phases("idle"):
+            self._ask(again=True)
             self._last_heartbeat = 0.0  # the learner learns our incarnation with the first request
             self._maybe_heartbeat()
-            while self._lease is None and not self.stopping:
+            while not self._leases and not self.stopping:
                 self.poll(0.05)
-            lease = self._lease
+            lease = self._leases.pop(0) if self._leases else None
             if lease is None or lease.done:
                 return None
             # The learner wants these prompts sampled by weights at least this new (on-policy: exactly
@@ -143,11 +161,13 @@ class GeneratorWorker:
             while self.engine.version < lease.min_version and not self.stopping:
                 self.poll(0.05)
         if self.stopping:
-            self._return(lease)
+            self._leases.insert(0, lease)
+            self._return_all()
             return None
         return lease
 
-    def generate(self, lease: Any) -> list | None:
+    def _start(self, lease: Any) -> list:
+        """The engine requests of a lease's prompts; its prompts become open (started, unsent)."""
         from async_or1.generation.engine import GenRequest, SamplingParams
 
         requests = []
@@ -156,80 +176,109 @@ class GeneratorWorker:
                                     max_new_tokens=int(p.max_response_tokens), stop_token_ids=self.stop_ids)
             ids = [int(t) for t in p.token_ids]
             requests += [GenRequest(f"{p.prompt_id}/{i}", ids, params) for i in range(p.samples_per_prompt)]
+            self._open[p.prompt_id] = {"lease": lease, "prompt": p, "results": [None] * p.samples_per_prompt,
+                                       "aborted": False}
+        return requests
+
+    def _more(self) -> list:
+        """Continuous leasing: ask ahead while at most one lease's worth of prompts is open, and
+        start a granted lease as soon as our weights reach its min_version."""
+        if self.stopping or (self._pending_weights and not self.in_flight):
+            return []  # let the batch drain: shut down, or load the waiting weights between requests
+        if len(self._open) <= self.prompts_per_lease:
+            self._ask()
+        if self._leases and not self._leases[0].done and self.engine.version >= self._leases[0].min_version:
+            return self._start(self._leases.pop(0))
+        return []
+
+    def _on_result(self, r: Any) -> None:
+        pid, i = r.request_id.rsplit("/", 1)
+        op = self._open[pid]
+        op["results"][int(i)] = r
+        op["aborted"] |= r.finish_reason == "aborted"
+        self.tokens_generated += len(r.tokens)
+        if not op["aborted"] and all(x is not None for x in op["results"]):
+            del self._open[pid]
+            scores = self.score(op["prompt"], op["results"])
+            self.send(op["lease"], op["prompt"], op["results"], scores)
+
+    def generate(self, lease: Any) -> bool:
+        """Sample (and, as groups complete, score and send) this lease and every lease that
+        arrives meanwhile. False when stopped: the unsent prompts have been returned."""
+        requests = self._start(lease)
 
         def between_steps() -> None:
             self.poll(0.0)
             if self.stopping and hasattr(self.engine, "abort"):
                 self.engine.abort()
 
-        with self.phases("generate"):
-            self._generating = True
-            try:
-                results = self.engine.generate(requests, between_steps=between_steps)
-            finally:
-                self._generating = False
+        inner0 = self.phases.lifetime
+        t0 = time.perf_counter()
+        self._generating = True
+        try:
+            self.engine.generate(requests, between_steps=between_steps, on_result=self._on_result, more=self._more)
+        finally:
+            self._generating = False
+            # score and send ran inside the engine call: generate is the rest of it
+            inner = sum(self.phases.lifetime.get(k, 0.0) - inner0.get(k, 0.0) for k in ("score", "send", "weights"))
+            self.phases.add("generate", time.perf_counter() - t0 - inner)
         for update in self._pending_weights:
             self._load_weights(update)
         self._pending_weights.clear()
-        if self.stopping or any(r.finish_reason == "aborted" for r in results):
-            self._return(lease)
-            return None
-        self.tokens_generated += sum(len(r.tokens) for r in results)
-        return results
+        if self.stopping or self._open:
+            self._return_all()
+            return False
+        return True
 
-    def score(self, lease: Any, results: list) -> list:
+    def score(self, prompt: Any, results: list) -> list:
         from async_or1.data.filter_cli import response_text
 
         with self.phases("score"):
-            stop, items, k = set(self.stop_ids), [], 0
-            for p in lease.prompts:
-                for _ in range(p.samples_per_prompt):
-                    items.append((p.ability, response_text(self.tokenizer, results[k].tokens, stop), p.ground_truth))
-                    k += 1
-            return self.rewards.score(items)
+            stop = set(self.stop_ids)
+            return self.rewards.score([(prompt.ability, response_text(self.tokenizer, r.tokens, stop),
+                                        prompt.ground_truth) for r in results])
 
-    def send(self, lease: Any, results: list, scores: list, timings: dict) -> None:
+    def send(self, lease: Any, prompt: Any, results: list, scores: list) -> None:
         import numpy as np
 
         from async_or1.transport import messages as m
 
+        timings = {k: round(v, 4) for k, v in self.phases.take().items()}  # since the previous group
         with self.phases("send"):
-            k = 0
-            for p in lease.prompts:
-                samples = []
-                for _ in range(p.samples_per_prompt):
-                    r, s = results[k], scores[k]
-                    samples.append(m.Sample(tokens=np.asarray(r.tokens, dtype=np.int32),
-                                            logprobs=np.asarray(r.logprobs, dtype=np.float32),
-                                            versions=np.asarray(r.versions, dtype=np.int32),
-                                            finish_reason=r.finish_reason, reward=float(s.reward),
-                                            reward_details={"reason": s.reason, "seconds": round(s.seconds, 4),
-                                                            "correct": bool(s.correct)}))
-                    k += 1
-                self.endpoint.send(m.RolloutGroup(lease_id=lease.lease_id, prompt_id=p.prompt_id, stage=p.stage,
-                                                  generator_id=self.gid,
-                                                  prompt_tokens=np.asarray(p.token_ids, dtype=np.int32),
-                                                  samples=samples, timings=timings))
-                self.groups_sent += 1
+            samples = [m.Sample(tokens=np.asarray(r.tokens, dtype=np.int32),
+                                logprobs=np.asarray(r.logprobs, dtype=np.float32),
+                                versions=np.asarray(r.versions, dtype=np.int32),
+                                finish_reason=r.finish_reason, reward=float(s.reward),
+                                reward_details={"reason": s.reason, "seconds": round(s.seconds, 4),
+                                                "correct": bool(s.correct)})
+                       for r, s in zip(results, scores)]
+            self.endpoint.send(m.RolloutGroup(lease_id=lease.lease_id, prompt_id=prompt.prompt_id, stage=prompt.stage,
+                                              generator_id=self.gid,
+                                              prompt_tokens=np.asarray(prompt.token_ids, dtype=np.int32),
+                                              samples=samples, timings=timings))
+            self.groups_sent += 1
 
-    def _return(self, lease: Any) -> None:
+    def _return_all(self) -> None:
+        """Every prompt leased to us and not sent goes back (open ones and unstarted leases)."""
         from async_or1.transport import messages as m
 
-        self.endpoint.send(m.ReturnLease(generator_id=self.gid, lease_id=lease.lease_id,
-                                         prompt_ids=[p.prompt_id for p in lease.prompts]))
+        unsent: dict[int, list[str]] = {}
+        for pid, op in self._open.items():
+            unsent.setdefault(op["lease"].lease_id, []).append(pid)
+        for lease in self._leases:
+            if not lease.done:
+                unsent.setdefault(lease.lease_id, []).extend(p.prompt_id for p in lease.prompts)
+        for lease_id, pids in unsent.items():
+            self.endpoint.send(m.ReturnLease(generator_id=self.gid, lease_id=lease_id, prompt_ids=pids))
+        self._open.clear()
+        self._leases = [lease for lease in self._leases if lease.done]
 
     # ---- the loop ------------------------------------------------------------------
     def run(self) -> None:
         while not self.stopping:
-            lease = self.lease()
-            if lease is None:
+            lease = self.lease()             # idle until prompts (and recent enough weights) arrive
+            if lease is None or not self.generate(lease):  # generate → score → send, group by group
                 break
-            results = self.generate(lease)
-            if results is None:
-                break
-            scores = self.score(lease, results)
-            timings = {k: round(v, 4) for k, v in self.phases.take().items()}
-            self.send(lease, results, scores, timings)
         self._last_heartbeat = 0.0
         self._maybe_heartbeat()
         log.info("gen %d: stopped after %d groups", self.gid, self.groups_sent)

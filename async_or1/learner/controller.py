@@ -298,8 +298,14 @@ class Controller:
                 self.buffer.on_leased([p.prompt_id for p in prompts], self.version)
                 self.leases[lease_id] = {"generator_id": req.generator_id,
                                          "prompt_ids": {p.prompt_id for p in prompts}}
-                self.endpoint.send(peer, m.PromptLease(lease_id=lease_id, prompts=prompts,
-                                                       min_version=self.broadcast_version))
+                # The earliest step these prompts can be trained at is `version`, so weights older
+                # than version − η would make them stale on arrival. Room opens when the learner
+                # bumps its version, before that version's broadcast is out: without the second
+                # term an on-policy lease granted in that gap would start on the previous weights.
+                # Always satisfiable: η >= broadcast_every_steps − 1 (config), so version − η is at
+                # most the broadcast in progress.
+                need = max(self.broadcast_version, self.version - self.buffer.max_staleness)
+                self.endpoint.send(peer, m.PromptLease(lease_id=lease_id, prompts=prompts, min_version=need))
                 self._lease_sizes.append(len(prompts))
                 del self.pending[peer]
 
