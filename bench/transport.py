@@ -7,7 +7,11 @@ int32 versions: 12 bytes a token) plus a 1k-token prompt and small reward detail
 process (this file with ``--sender``) pushes groups as fast as it can over a DEALER to the
 ROUTER in this process, on 127.0.0.1:
   ``wire``: ZmqGeneratorEndpoint.send(group)  (encode + send)  →  ZmqLearnerEndpoint.recv()
-            (receive + decode + full validation), the path the system uses;
+            (receive + decode + full validation), the path the system uses, with the group's
+            arrays laid out by ``codec.arena`` as the generator lays them out (so encode writes
+            only the header);
+  ``wire_copy``: the same with the group's arrays as separate numpy arrays, so encode copies
+            every array into the frame once (any message not built on an arena);
   ``raw``:  the same number of bytes as one pre-built frame, send(copy=False) → recv(copy=False).
 Throughput is counted at the receiver between its first and last message (connection setup
 excluded); rounds alternate raw/wire and the best of ``--rounds`` is kept (the machine is
@@ -21,6 +25,7 @@ Writes bench/results/transport.json and prints one summary line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -35,7 +40,21 @@ sys.path.insert(0, str(ROOT))
 from async_or1.transport import messages as m  # noqa: E402
 
 
-def make_group(responses: int, tokens: int, seed: int = 0) -> m.RolloutGroup:
+def make_group(responses: int, tokens: int, seed: int = 0, in_arena: bool = False) -> m.RolloutGroup:
+    """``in_arena``: arrays laid out as GeneratorWorker.send lays them out (codec.arena)."""
+    g = _make_group(responses, tokens, seed)
+    if not in_arena:
+        return g
+    from async_or1.transport.codec import arena
+
+    v = arena([g.prompt_tokens] + [x for s in g.samples for x in (s.tokens, s.logprobs, s.versions)],
+              ["<i4"] + ["<i4", "<f4", "<i4"] * len(g.samples))
+    samples = [dataclasses.replace(s, tokens=v[1 + 3 * i], logprobs=v[2 + 3 * i], versions=v[3 + 3 * i])
+               for i, s in enumerate(g.samples)]
+    return dataclasses.replace(g, prompt_tokens=v[0], samples=samples)
+
+
+def _make_group(responses: int, tokens: int, seed: int = 0) -> m.RolloutGroup:
     rng = np.random.default_rng(seed)
     samples = [m.Sample(tokens=rng.integers(0, 151_936, tokens, dtype=np.int32),
                         logprobs=(-rng.exponential(1.0, tokens)).astype(np.float32),
@@ -57,15 +76,15 @@ def sender(address: str, mode: str, responses: int, tokens: int, count: int, hwm
 
     if tune:
         assert tune_malloc()
-    group = make_group(responses, tokens)
-    if mode == "wire":
+    group = make_group(responses, tokens, in_arena=mode == "wire")
+    if mode in ("wire", "wire_copy"):
         ep = ZmqGeneratorEndpoint(address, 1, linger_s=60, hwm=hwm)
         t0 = time.process_time()
         for _ in range(count):
             ep.send(group)
         ep.close()  # lingers until everything is on the wire
     else:
-        frame = m.encode(group)  # same bytes as a wire frame, built once
+        frame = bytes(m.encode(group))  # same bytes as a wire frame, built once
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, b"gen-1")
@@ -108,7 +127,7 @@ def run_round(mode: str, responses: int, tokens: int, count: int, hwm: int, tune
             if i == 0:  # connection set up and the first frame in: start the clocks
                 t_first, cpu_first = time.perf_counter(), time.process_time()
         elapsed, cpu_recv = time.perf_counter() - t_first, time.process_time() - cpu_first
-        if mode == "wire":
+        if mode != "raw":
             nbytes = learner.stats["bytes_received"]
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0
@@ -129,7 +148,7 @@ def run_round(mode: str, responses: int, tokens: int, count: int, hwm: int, tune
 
 
 def codec_only(group: m.RolloutGroup, repeats: int = 30) -> dict:
-    data = m.encode(group)
+    data = bytes(m.encode(group))
     t0 = time.perf_counter()
     for _ in range(repeats):
         m.encode(group)
@@ -145,9 +164,9 @@ def codec_only(group: m.RolloutGroup, repeats: int = 30) -> dict:
 def bench_config(responses: int, tokens: int, seconds: float, rounds: int, hwm: int, tune: bool) -> dict:
     frame = len(m.encode(make_group(responses, tokens)))
     count = max(50, int(seconds * 600e6 / frame))  # ~`seconds` at 600 MB/s
-    runs: dict = {"raw": [], "wire": []}
-    for _ in range(rounds):  # interleaved, so drifting load on a shared machine hits both alike
-        for mode in ("raw", "wire"):
+    runs: dict = {"raw": [], "wire": [], "wire_copy": []}
+    for _ in range(rounds):  # interleaved, so drifting load on a shared machine hits all alike
+        for mode in ("raw", "wire", "wire_copy"):
             runs[mode].append(run_round(mode, responses, tokens, count, hwm, tune))
     out: dict = {"responses": responses, "tokens": tokens, "frame_bytes": frame, "groups_per_round": count}
     for mode, rs in runs.items():
@@ -156,9 +175,11 @@ def bench_config(responses: int, tokens: int, seconds: float, rounds: int, hwm: 
                      "all_mb_per_s": [round(r["mb_per_s"], 1) for r in rs],
                      "cpu_ms_per_group": round(min(r["sender_cpu_ms"] + r["receiver_cpu_ms"] for r in rs), 3)}
     out["ratio"] = round(out["wire"]["mb_per_s"] / out["raw"]["mb_per_s"], 3)
+    out["copy_ratio"] = round(out["wire_copy"]["mb_per_s"] / out["raw"]["mb_per_s"], 3)
     # Load-independent view: throughput a CPU-bound box would reach, from CPU time per group.
     out["cpu_ratio"] = round(out["raw"]["cpu_ms_per_group"] / out["wire"]["cpu_ms_per_group"], 3)
-    out["codec"] = {k: round(v, 3) for k, v in codec_only(make_group(responses, tokens)).items()}
+    out["codec"] = {k: round(v, 3) for k, v in codec_only(make_group(responses, tokens, in_arena=True)).items()}
+    out["codec_copy"] = {k: round(v, 3) for k, v in codec_only(make_group(responses, tokens)).items()}
     return out
 
 
@@ -206,10 +227,11 @@ def main() -> int:
     d, t = result["malloc_default"]["main"], result["malloc_tuned"]["main"]
     print(f"transport {args.responses}x{args.tokens} ({d['frame_bytes'] / 1e6:.2f} MB/group), wire vs raw ZeroMQ: "
           f"{d['wire']['groups_per_s']:.0f} groups/s {d['wire']['mb_per_s']:.0f} MB/s vs {d['raw']['mb_per_s']:.0f} "
-          f"MB/s = {d['ratio']:.2f} of raw (CPU-time ratio {d['cpu_ratio']:.2f}); with tune_malloc "
-          f"{t['wire']['mb_per_s']:.0f} vs {t['raw']['mb_per_s']:.0f} MB/s = {t['ratio']:.2f} (CPU {t['cpu_ratio']:.2f}); "
-          f"16x1k: {result['malloc_default']['small']['ratio']:.2f} / {result['malloc_tuned']['small']['ratio']:.2f}; "
-          f"encode {d['codec']['encode_ms']:.2f} ms, decode {d['codec']['decode_ms']:.2f} ms; target 0.5; "
+          f"MB/s = {d['ratio']:.2f} of raw (CPU-time ratio {d['cpu_ratio']:.2f}; copying path {d['copy_ratio']:.2f}); "
+          f"with tune_malloc {t['wire']['mb_per_s']:.0f} vs {t['raw']['mb_per_s']:.0f} MB/s = {t['ratio']:.2f} "
+          f"(copying {t['copy_ratio']:.2f}); 16x1k: {result['malloc_default']['small']['ratio']:.2f} / "
+          f"{result['malloc_tuned']['small']['ratio']:.2f}; encode {d['codec']['encode_ms']:.2f} ms "
+          f"({d['codec_copy']['encode_ms']:.2f} copying), decode {d['codec']['decode_ms']:.2f} ms; target 0.5; "
           f"load avg {load0[0]:.1f} on {os.cpu_count()} cores")
     return 0
 

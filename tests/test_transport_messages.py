@@ -354,3 +354,46 @@ def test_hostile_nesting_is_a_wire_error(depth, needle):
             + pack("stats") + b"\x81" + pack("d") + b"\x91" * depth + b"\x90")  # [[[...[]...]]]
     lead = len(header).to_bytes(4, "little") + header
     rejects(lead + bytes(-len(lead) % 8), "malformed", needle)
+
+
+# ---- arenas: the producer lays the payload out, encode copies nothing ----------------------------
+
+def _arena_group(details=None, order=None):
+    rng = np.random.default_rng(5)
+    toks = [rng.integers(0, 1000, n, dtype=np.int32) for n in (5, 0, 7)]
+    lps = [(-rng.random(len(t))).astype(np.float32) for t in toks]
+    arrays = [np.arange(3, dtype=np.int32)] + [x for t, lp in zip(toks, lps) for x in (t, lp, np.full(len(t), 3, np.int32))]
+    dtypes = ["<i4"] + ["<i4", "<f4", "<i4"] * 3
+    views = codec.arena(arrays, dtypes)
+    if order is not None:
+        views = [views[i] for i in order]
+    samples = [m.Sample(tokens=views[1 + 3 * i], logprobs=views[2 + 3 * i], versions=views[3 + 3 * i],
+                        finish_reason="stop", reward=1.0, reward_details=details or {"x": 1}) for i in range(3)]
+    arena_msg = m.RolloutGroup(lease_id=1, prompt_id="a@1.0", stage=0, generator_id=0, prompt_tokens=views[0],
+                               samples=samples, timings={"t": 1.0})
+    plain = m.RolloutGroup(lease_id=1, prompt_id="a@1.0", stage=0, generator_id=0,
+                           prompt_tokens=np.array(views[0]), samples=[dataclasses.replace(
+                               s, tokens=np.array(s.tokens), logprobs=np.array(s.logprobs),
+                               versions=np.array(s.versions)) for s in samples], timings={"t": 1.0})
+    return arena_msg, plain
+
+
+def test_arena_group_is_sent_in_place_and_byte_identical():
+    arena_msg, plain = _arena_group()
+    data = encode(arena_msg)
+    assert isinstance(data, memoryview)  # a view of the arena: no copy of the arrays
+    assert np.shares_memory(np.frombuffer(data, np.uint8), arena_msg.samples[0].tokens)
+    assert bytes(data) == encode(plain)  # the same frame the copying path builds
+    assert same(decode(data), plain) and bytes(encode(arena_msg)) == bytes(data)  # re-encoding is stable
+
+
+def test_arena_fallbacks_copy_and_never_write_into_someone_elses_bytes():
+    arena_msg, plain = _arena_group()
+    before = np.array(arena_msg.prompt_tokens.base)  # the whole arena
+    one = encode(arena_msg.samples[2])  # arrays inside the arena, not from its payload start
+    assert isinstance(one, bytes) and same(decode(one), plain.samples[2])
+    assert np.array_equal(arena_msg.prompt_tokens.base, before)  # nothing written in front of them
+    swapped, plain = _arena_group(order=[0, 7, 8, 9, 4, 5, 6, 1, 2, 3])  # samples 0 and 2 trade places
+    assert isinstance(encode(swapped), bytes) and same(decode(encode(swapped)), plain)
+    big, plain = _arena_group(details={"log": "x" * 70_000})  # header larger than the room in front
+    assert isinstance(encode(big), bytes) and same(decode(encode(big)), plain)

@@ -239,23 +239,22 @@ class GeneratorWorker:
                                         prompt.ground_truth) for r in results])
 
     def send(self, lease: Any, prompt: Any, results: list, scores: list) -> None:
-        import numpy as np
-
         from async_or1.transport import messages as m
+        from async_or1.transport.codec import arena
 
         timings = {k: round(v, 4) for k, v in self.phases.take().items()}  # since the previous group
         with self.phases("send"):
-            samples = [m.Sample(tokens=np.asarray(r.tokens, dtype=np.int32),
-                                logprobs=np.asarray(r.logprobs, dtype=np.float32),
-                                versions=np.asarray(r.versions, dtype=np.int32),
+            # Lists -> arrays straight into the frame-to-be: encoding then copies nothing.
+            arrays = arena([prompt.token_ids] + [x for r in results for x in (r.tokens, r.logprobs, r.versions)],
+                           ["<i4"] + ["<i4", "<f4", "<i4"] * len(results))
+            samples = [m.Sample(tokens=arrays[1 + 3 * i], logprobs=arrays[2 + 3 * i], versions=arrays[3 + 3 * i],
                                 finish_reason=r.finish_reason, reward=float(s.reward),
                                 reward_details={"reason": s.reason, "seconds": round(s.seconds, 4),
                                                 "correct": bool(s.correct)})
-                       for r, s in zip(results, scores)]
+                       for i, (r, s) in enumerate(zip(results, scores))]
             self.endpoint.send(m.RolloutGroup(lease_id=lease.lease_id, prompt_id=prompt.prompt_id, stage=prompt.stage,
-                                              generator_id=self.gid,
-                                              prompt_tokens=np.asarray(prompt.token_ids, dtype=np.int32),
-                                              samples=samples, timings=timings))
+                                              generator_id=self.gid, prompt_tokens=arrays[0], samples=samples,
+                                              timings=timings))
             self.groups_sent += 1
 
     def _return_all(self) -> None:

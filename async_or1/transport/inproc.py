@@ -50,7 +50,9 @@ class InprocHub:
         return InprocGeneratorEndpoint(self, name, inbox)
 
     def _pack(self, msg: Any) -> Any:
-        return encode(msg) if self.codec else msg
+        # bytes(): an arena-built message encodes to a view of the sender's buffer; the copy keeps
+        # the promise that a receiver never aliases a generator's memory.
+        return bytes(encode(msg)) if self.codec else msg
 
     def _unpack(self, item: Any) -> Any:
         if not isinstance(item, (bytes, bytearray, memoryview)):
