@@ -257,12 +257,18 @@ def test_the_next_lease_joins_the_running_batch():
     buf.check_accounting()
 
 
-def test_shutdown_returns_unfinished_leases_and_they_are_reissued():
+def _long_generation_in_flight():
+    """A started rig whose generator is busy with 400-token responses (about 4 s)."""
     hub, buf, src, ctl, eng, worker = _rig(max_staleness=2, tokens=400)
     eng.step_s = 0.01
     th = _start(ctl, worker)
     _wait_in_flight(buf)
     assert buf.accounting()["in_flight"] >= 1
+    return hub, buf, src, ctl, eng, worker, th
+
+
+def test_shutdown_returns_unfinished_leases_and_they_are_reissued():
+    hub, buf, src, ctl, eng, worker, th = _long_generation_in_flight()
     ctl.finish()  # Shutdown while generating 400 tokens: the lease comes back unsampled
     th.join(10)
     time.sleep(0.2)
@@ -274,12 +280,8 @@ def test_shutdown_returns_unfinished_leases_and_they_are_reissued():
 
 
 def test_restarted_generator_loses_its_leases_to_reissue():
-    hub, buf, src, ctl, eng, worker = _rig(max_staleness=2, tokens=400)
-    eng.step_s = 0.01
-    th = _start(ctl, worker)
-    _wait_in_flight(buf)
+    hub, buf, src, ctl, eng, worker, th = _long_generation_in_flight()
     held = buf.accounting()["in_flight"]
-    assert held >= 1
     # A new incarnation of generator 0 says hello: the old one's leases are lost and re-issued.
     ep = hub.generator(0)
     ep.send(m.Heartbeat(generator_id=0, version=0, time=time.time(), stats={"incarnation": "new", "idle_s": 0.0,

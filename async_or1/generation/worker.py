@@ -177,7 +177,7 @@ class GeneratorWorker:
             ids = [int(t) for t in p.token_ids]
             requests += [GenRequest(f"{p.prompt_id}/{i}", ids, params) for i in range(p.samples_per_prompt)]
             self._open[p.prompt_id] = {"lease": lease, "prompt": p, "results": [None] * p.samples_per_prompt,
-                                       "aborted": False}
+                                       "aborted": False, "t0": time.perf_counter()}
         return requests
 
     def _more(self) -> list:
@@ -199,8 +199,10 @@ class GeneratorWorker:
         self.tokens_generated += len(r.tokens)
         if not op["aborted"] and all(x is not None for x in op["results"]):
             del self._open[pid]
+            t1 = time.perf_counter()
             scores = self.score(op["prompt"], op["results"])
-            self.send(op["lease"], op["prompt"], op["results"], scores)
+            timings = {"generate": round(t1 - op["t0"], 4), "score": round(time.perf_counter() - t1, 4)}
+            self.send(op["lease"], op["prompt"], op["results"], scores, timings)
 
     def generate(self, lease: Any) -> bool:
         """Sample (and, as groups complete, score and send) this lease and every lease that
@@ -238,11 +240,11 @@ class GeneratorWorker:
             return self.rewards.score([(prompt.ability, response_text(self.tokenizer, r.tokens, stop),
                                         prompt.ground_truth) for r in results])
 
-    def send(self, lease: Any, prompt: Any, results: list, scores: list) -> None:
+    def send(self, lease: Any, prompt: Any, results: list, scores: list, timings: dict) -> None:
+        """One group; ``timings``: seconds from the prompt's start to its last response, and scoring."""
         from async_or1.transport import messages as m
         from async_or1.transport.codec import arena
 
-        timings = {k: round(v, 4) for k, v in self.phases.take().items()}  # since the previous group
         with self.phases("send"):
             # Lists -> arrays straight into the frame-to-be: encoding then copies nothing.
             arrays = arena([prompt.token_ids] + [x for r in results for x in (r.tokens, r.logprobs, r.versions)],
