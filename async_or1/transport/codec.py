@@ -134,13 +134,12 @@ def _le_contiguous(a: np.ndarray) -> np.ndarray:
 
 
 class _Frame:
-    """Per-call state: encode's payload parts, decode's payload view and the extents it read.
+    """Per-call state: encode's payload arrays, decode's payload view and the extents it read.
     The field functions reach it through ``_CURRENT`` (thread-local: inproc generators encode on
     several threads at once), so the compiled per-field functions keep one argument."""
 
     def __init__(self, payload: memoryview | None = None) -> None:
-        self.parts: list = []
-        self.arrays: list[np.ndarray] = []  # the arrays placed, in payload order (for the arena check)
+        self.arrays: list[np.ndarray] = []  # the non-empty arrays placed, in payload order
         self.size = 0
         self.payload = payload
         self.nbytes = 0 if payload is None else payload.nbytes
@@ -157,14 +156,19 @@ class _Frame:
         """The reference to ``a`` (little-endian, C-contiguous: one flat run of bytes) in the header;
         its bytes go to the payload, in call order."""
         at, n = self.size, a.nbytes
-        if n:  # an empty array has nothing to join
+        if n:  # an empty array has no bytes to place
             self.arrays.append(a)
-            self.parts.append(a.data)
-            if n % _ALIGN:
-                self.parts.append(_ZEROS[:_pad(n)])
-                n += _pad(n)
-            self.size += n
+            self.size += n + _pad(n)
         return {_ND: a.dtype.str, "shape": list(a.shape), "at": at}
+
+    def parts(self) -> list:
+        """The payload as buffers to join: each array's bytes, then its zero padding to 8."""
+        out = []
+        for a in self.arrays:
+            out.append(a.data)
+            if a.nbytes % _ALIGN:
+                out.append(_ZEROS[:_pad(a.nbytes)])
+        return out
 
     def array(self, d: Any, dtype: np.dtype | None) -> np.ndarray:
         """A header reference -> a read-only view on the payload (``dtype``: the 1-D dtype the field needs)."""
@@ -436,7 +440,7 @@ def encode(msg: Any) -> bytes | memoryview:
         buf[start + 4:start + 4 + len(header)] = np.frombuffer(header, np.uint8)
         buf[start + 4 + len(header):_HEADROOM] = 0
         return memoryview(buf)[start:]
-    return b"".join([lead, header, _ZEROS[:_pad(4 + len(header))], *frame.parts])
+    return b"".join([lead, header, _ZEROS[:_pad(4 + len(header))], *frame.parts()])
 
 
 def decode(data: Any, max_bytes: int | None = None) -> Any:
