@@ -126,6 +126,11 @@ def _pad(n: int) -> int:
     return -n % _ALIGN
 
 
+def _prefix(header: bytes) -> bytes:
+    """What precedes the payload: header length, header, zero padding to 8."""
+    return len(header).to_bytes(4, "little") + header + _ZEROS[:_pad(4 + len(header))]
+
+
 def _le_contiguous(a: np.ndarray) -> np.ndarray:
     """``a`` itself when its bytes already are one little-endian run (the common case), else a copy."""
     if a.flags.c_contiguous and a.dtype.byteorder != ">":
@@ -186,9 +191,14 @@ class _Frame:
         if type(at) is not int or at < 0 or at % _ALIGN or at + need > self.nbytes:
             raise WireError(f"array of {need} bytes at payload offset {at!r} is misplaced (payload has "
                             f"{self.nbytes} bytes, offsets are multiples of {_ALIGN})")
-        if need:
-            self.extents.append((at, need))
-        return np.frombuffer(self.payload, dtype=dt, count=count, offset=at).reshape(shape)  # read-only, as the view
+        return self.view(at, count, dt).reshape(shape)
+
+    def view(self, at: int, count: int, dt: np.dtype) -> np.ndarray:
+        """``count`` items of ``dt`` at payload offset ``at`` (already checked to fit), recorded for
+        the tiling check; read-only, as the payload view is."""
+        if count:
+            self.extents.append((at, count * dt.itemsize))
+        return np.frombuffer(self.payload, dtype=dt, count=count, offset=at)
 
     def check_tiling(self) -> None:
         cursor = 0
@@ -222,10 +232,8 @@ def _nd_field(dtype: str) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
             if (v.get(_ND) == dtype and type(shape) is list and len(shape) == 1 and type(at) is int
                     and type(shape[0]) is int and shape[0] >= 0 and at >= 0 and not at % _ALIGN
                     and at + shape[0] * size <= frame.nbytes):
-                if shape[0]:
-                    frame.extents.append((at, shape[0] * size))
-                return np.frombuffer(frame.payload, dtype=dt, count=shape[0], offset=at)
-        return _CURRENT.frame.array(v, dt)  # raises with the precise reason
+                return frame.view(at, shape[0], dt)
+        return _CURRENT.frame.array(v, dt)  # checks everything, raises with the precise reason
 
     return out, inn
 
@@ -431,16 +439,13 @@ def encode(msg: Any) -> bytes | memoryview:
         raise e.under(cls.__name__) from None
     except (OverflowError, TypeError, ValueError, RecursionError) as e:  # e.g. an int beyond 64 bits
         raise WireError(f"cannot pack: {type(e).__name__}: {e}", where=cls.__name__) from e
-    lead = len(header).to_bytes(4, "little")
-    head = 4 + len(header) + _pad(4 + len(header))
-    buf = _in_arena(frame.arrays) if head <= _HEADROOM else None
+    prefix = _prefix(header)
+    buf = _in_arena(frame.arrays) if len(prefix) <= _HEADROOM else None
     if buf is not None:
-        start = _HEADROOM - head
-        buf[start:start + 4] = np.frombuffer(lead, np.uint8)
-        buf[start + 4:start + 4 + len(header)] = np.frombuffer(header, np.uint8)
-        buf[start + 4 + len(header):_HEADROOM] = 0
+        start = _HEADROOM - len(prefix)
+        buf[start:_HEADROOM] = np.frombuffer(prefix, np.uint8)
         return memoryview(buf)[start:]
-    return b"".join([lead, header, _ZEROS[:_pad(4 + len(header))], *frame.parts()])
+    return b"".join([prefix, *frame.parts()])
 
 
 def decode(data: Any, max_bytes: int | None = None) -> Any:
@@ -489,5 +494,4 @@ def split(data: bytes) -> tuple[dict, bytes]:
 
 def join(header: dict, payload: bytes = b"") -> bytes:
     """The inverse of ``split``: packs ``header`` as is (hand-made references included)."""
-    h = msgpack.packb(header, use_bin_type=True)
-    return len(h).to_bytes(4, "little") + h + _ZEROS[:_pad(4 + len(h))] + payload
+    return _prefix(msgpack.packb(header, use_bin_type=True)) + payload
