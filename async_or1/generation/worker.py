@@ -105,7 +105,7 @@ class GeneratorWorker:
             self.receive_weights(update)
         log.debug("gen %d: now at version %d", self.gid, update.version)
         if self.fingerprint:
-            from async_or1.fingerprint import weights_fingerprint
+            from async_or1.weights.fingerprint import weights_fingerprint
 
             state = self.engine.model.state_dict()
             self._fp = (update.version, weights_fingerprint((n, state[n]) for n in update.names))

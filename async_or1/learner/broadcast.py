@@ -60,7 +60,7 @@ class GroupChannel:
         self.controller.post(update)
         self.controller.flush()
         if self.fingerprint:
-            from async_or1.fingerprint import weights_fingerprint
+            from async_or1.weights.fingerprint import weights_fingerprint
 
             self.sent_fingerprints[version] = weights_fingerprint(zip(names, tensors))
         try:
@@ -102,7 +102,7 @@ class InprocChannel:
         from async_or1.transport import messages as m
 
         if self.fingerprint:
-            from async_or1.fingerprint import weights_fingerprint
+            from async_or1.weights.fingerprint import weights_fingerprint
 
             self.sent_fingerprints[version] = weights_fingerprint(zip(names, tensors))
         # Copies: the learner's next optimizer step must not change what the generator loads.
