@@ -126,3 +126,48 @@ def test_prepare_tests_names_problems():
             prepare_tests(bad)
     r = run("print(1)", {"inputs": ["1"]})
     assert r["reason"].startswith("bad tests") and not r["passed"]
+
+
+# -- defects found with real benchmark data (issue 13) -------------------------------------------------
+
+@pytest.mark.parametrize("code", ["pass", "x = 1", "import math", "# nothing here"])
+def test_empty_program_cannot_pass_with_the_preludes_names(code):
+    # the prelude star-imports operator and math: `add`, `gcd`, `floor` exist before the solution runs
+    for tests in ({"fn_name": "add", "inputs": [[1, 2], [5, 5]], "outputs": [3, 10]},
+                  {"fn_name": "gcd", "inputs": [[4, 6]], "outputs": [2]},
+                  ["assert add(1, 2) == 3", "assert floor(2.5) == 2"],
+                  ["assert add(1, 2) == 3 and add(2, 2) == 4"]):
+        r = run(code, tests)
+        assert not r["passed"] and r["passed_tests"] == 0, (code, tests, r)
+        assert "does not define" in r["reason"] or "defines no function" in r["reason"], r
+
+
+def test_names_the_solution_binds_itself_may_be_called():
+    # importing a library function under the tested name is the solution's own choice
+    assert run("from math import gcd", {"fn_name": "gcd", "inputs": [[4, 6]], "outputs": [2]})["passed"]
+    assert run("from operator import add", ["assert add(1, 2) == 3"])["passed"]
+    # tests may use builtins, whole-module prelude imports and their own bound names
+    code = "def add(a, b):\n    return a + b"
+    assert run(code, ["assert math.isclose(add(0.1, 0.2), 0.3)", "assert all(add(x, 0) == x for x in range(5))",
+                      "assert sorted([add(2, 1), add(0, 1)]) == [1, 3]"])["passed"]
+
+
+DATACLASS = ("from dataclasses import dataclass, field\n\n@dataclass\nclass Item:\n    w: int\n    v: int\n"
+             "    tags: list = field(default_factory=list)\n\n")
+
+
+def test_module_level_dataclass_in_call_assert_and_stdio_solutions():
+    call = DATACLASS + ("class Solution:\n    def best(self, ws: List[int], vs: List[int]) -> int:\n"
+                        "        return max(Item(w, v).v for w, v in zip(ws, vs))\n")
+    r = run(call, {"fn_name": "best", "inputs": [[[1, 2], [5, 7]]], "outputs": [7]})
+    assert r["passed"], r
+    assert run(DATACLASS + "def f(w):\n    return Item(w, 2 * w).v", ["assert f(3) == 6"])["passed"]
+    stdio = DATACLASS + "a, b = map(int, input().split())\nprint(Item(a, b).v + Item(b, a).v)"
+    assert run(stdio, STDIO)["passed"]
+
+
+def test_builtins_are_not_shadowed_by_the_prelude():
+    # math.pow (float, 2 arguments) and operator.abs came after the builtins in the prelude
+    r = run("n = int(input())\nprint(pow(2, n, 10**9 + 7), pow(3, n), abs(-n))",
+            {"inputs": ["100\n"], "outputs": [f"{pow(2, 100, 10**9 + 7)} {3**100} 100"]})
+    assert r["passed"], r

@@ -8,6 +8,7 @@ JSON) in one record per test. Comparison happens in the parent. Record kinds on 
 
 from __future__ import annotations
 
+import ast
 import builtins
 import io
 import json
@@ -15,6 +16,7 @@ import os
 import signal
 import sys
 import time
+import types
 
 from _async_or1_sandbox_isolation import apply_limits, drop_privileges, enter_namespace_root, plain_setup
 
@@ -23,6 +25,9 @@ PRELUDE = (  # what the LiveCodeBench / Skywork harness prepends to every soluti
     "from heapq import *\nfrom bisect import *\nfrom string import *\nfrom operator import *\n"
     "from math import *\nimport math, sys, os, re, datetime, random, heapq, bisect, collections, itertools, "
     "functools, string\ninf = float('inf')\n")
+# Module names the prelude imports whole: tests may use them (``assert math.isclose(f(1), 0.5)``).
+PRELUDE_MODULES = frozenset({"math", "sys", "os", "re", "datetime", "random", "heapq", "bisect", "collections",
+                             "itertools", "functools", "string"})
 _MAX_DEPTH = 200
 _MAX_ERR = 300
 
@@ -102,19 +107,16 @@ def _install(fd: int, target: int) -> None:
         os.close(fd)
 
 
-def run_stdio(compiled, base: dict, stdin_text: str, limit: int) -> dict:
+def run_stdio(compiled, builtins_ns: dict, stdin_text: str, limit: int) -> dict:
     _install(_memfd("stdin", stdin_text.encode("utf-8", "surrogateescape")), 0)
     _install(_memfd("stdout"), 1)
     sout = _text_streams(0, 1)
-    g = dict(base)
-    g["__name__"] = "__main__"
     status, err = "ok", None
-    try:
-        exec(compiled, g)
-    except SystemExit as e:
+    _, e = solution_module(compiled, builtins_ns, "__main__")  # a fresh module per test, as a fresh process
+    if isinstance(e, SystemExit):
         if e.code not in (None, 0):
             status, err = "error", f"exit status {e.code!r}"[:_MAX_ERR]
-    except BaseException as e:
+    elif e is not None:
         status, err = "error", _err(e)
     for stream in (sout, sys.stdout):
         try:
@@ -139,15 +141,29 @@ def _value_record(fn, limit: int) -> dict:
     return {"status": "ok", "value": value}
 
 
-def _load_module(compiled, base: dict, res_fd: int) -> dict | None:
-    g = dict(base)
-    g["__name__"] = "__sandbox_solution__"  # a main block reading stdin must not run for these tests
+def solution_module(compiled, builtins_ns: dict, name: str) -> tuple[types.ModuleType, BaseException | None]:
+    """Run the solution as a real module registered in ``sys.modules`` under ``name``.
+
+    Registration matters: ``dataclasses``, ``typing`` and pickle look the class's module up there
+    (``sys.modules[cls.__module__].__dict__``). The prelude is reached through the module's
+    ``__builtins__``, so the module's own dict holds exactly the names the solution binds."""
+    mod = types.ModuleType(name)
+    mod.__dict__["__builtins__"] = builtins_ns
+    sys.modules[name] = mod
     try:
-        exec(compiled, g)
+        exec(compiled, mod.__dict__)
     except BaseException as e:
-        emit(res_fd, {"t": "setup", "err": _err(e)})
+        return mod, e
+    return mod, None
+
+
+def _load_module(compiled, builtins_ns: dict, res_fd: int) -> dict | None:
+    # a main block reading stdin must not run for these tests
+    mod, err = solution_module(compiled, builtins_ns, "__sandbox_solution__")
+    if err is not None:
+        emit(res_fd, {"t": "setup", "err": _err(err)})
         return None
-    return g
+    return mod.__dict__
 
 
 def _soft_exit(code: int = 0) -> None:
@@ -158,13 +174,47 @@ def _soft_exit(code: int = 0) -> None:
     raise SystemExit(code)
 
 
-def prelude_globals() -> dict:
-    base = {"__builtins__": builtins}
-    exec(PRELUDE, base)
-    return base
+def prelude_builtins() -> dict:
+    """Python's builtins plus the prelude's names, Python's winning where they clash.
+
+    The prelude star-imports ``operator`` and ``math``, whose ``pow`` (2 arguments, float) and
+    ``abs`` would otherwise shadow the builtins: ``pow(b, e, mod)`` must work as in plain Python."""
+    ns: dict = {"__builtins__": builtins}
+    exec(PRELUDE, ns)
+    del ns["__builtins__"]
+    return {**ns, **builtins.__dict__}
 
 
-def run_tests(req: dict, res_fd: int, base: dict) -> None:
+_PYTHON_BUILTINS = frozenset(dir(builtins))
+
+
+def names_tests_need(sources: list[str]) -> list[str]:
+    """Names the test code reads without binding them that neither Python nor the prelude's whole-module
+    imports provide: the solution must define each one itself (``assert add(1, 2) == 3`` needs ``add``)."""
+    need: dict[str, None] = {}
+    for src in sources:
+        tree = ast.parse(src)
+        bound = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
+        bound |= {a.arg for n in ast.walk(tree) if isinstance(n, ast.Lambda) for a in n.args.args}
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id not in bound \
+                    and n.id not in _PYTHON_BUILTINS and n.id not in PRELUDE_MODULES:
+                need[n.id] = None
+    return list(need)
+
+
+def _call_target(g: dict, fn_name: str):
+    """The solution's own ``Solution().fn_name`` or ``fn_name``; never a prelude or builtin name."""
+    sol = g.get("Solution")
+    if isinstance(sol, type) and fn_name in dir(sol):
+        return lambda args: getattr(sol(), fn_name)(*args)
+    fn = g.get(fn_name)
+    if callable(fn):
+        return lambda args: fn(*args)
+    return None
+
+
+def run_tests(req: dict, res_fd: int, builtins_ns: dict) -> None:
     limit, tests = int(req["output_limit"]), req["tests"]
     os._exit = _soft_exit
     compiled = compile(req["code"], "<solution>", "exec")
@@ -177,22 +227,22 @@ def run_tests(req: dict, res_fd: int, base: dict) -> None:
         os.dup2(null, 0)
         os.dup2(null, 1)
         _text_streams(0, 1)
-        g = _load_module(compiled, base, res_fd)
+        g = _load_module(compiled, builtins_ns, res_fd)
         if g is None:
             return
     fn_name = req.get("fn_name")
+    target = _call_target(g, fn_name) if mode == "call" else None
     for i, t in enumerate(tests):
         t0 = time.perf_counter()
+        missing = [] if mode != "assert" else \
+            [n for n in names_tests_need([t.get("expr") or t["stmt"]]) if n not in g]
         if mode == "stdio":
-            rec = run_stdio(compiled, base, t["stdin"], limit)
+            rec = run_stdio(compiled, builtins_ns, t["stdin"], limit)
         elif mode == "call":
-            sol = g.get("Solution")
-            if isinstance(sol, type) and hasattr(sol, fn_name):
-                rec = _value_record(lambda: getattr(sol(), fn_name)(*t["args"]), limit)
-            elif callable(g.get(fn_name)):
-                rec = _value_record(lambda: g[fn_name](*t["args"]), limit)
-            else:
-                rec = {"status": "error", "err": f"no function or Solution method named {fn_name!r}"}
+            rec = _value_record(lambda: target(t["args"]), limit) if target is not None else \
+                {"status": "error", "err": f"the solution defines no function or Solution method named {fn_name!r}"}
+        elif missing:
+            rec = {"status": "error", "err": f"the solution does not define {missing[0]!r}"[:_MAX_ERR]}
         elif "expr" in t:
             code = compile(t["expr"], f"<test {i}>", "eval")
             rec = _value_record(lambda: eval(code, g), limit)
@@ -219,7 +269,7 @@ def child_main(req: dict, ns: bool, ready_fd: int, supervisor: int, libc) -> Non
         note = enter_namespace_root(req, libc)
     else:
         note = plain_setup(req)
-    base = prelude_globals()  # imported while the python prefix is surely readable
+    builtins_ns = prelude_builtins()  # imported while the python prefix is surely readable
     apply_limits(req)
     note += drop_privileges(req, libc, supervisor, ns)
     sys.argv = ["solution.py"]  # as if run as a script (fileinput and argparse read argv)
@@ -231,7 +281,7 @@ def child_main(req: dict, ns: bool, ready_fd: int, supervisor: int, libc) -> Non
     os.close(ready_fd)
     emit(res_fd, {"t": "ready", "isolation": note})
     try:
-        run_tests(req, res_fd, base)
+        run_tests(req, res_fd, builtins_ns)
     except BaseException as e:
         emit(res_fd, {"t": "setup", "err": _err(e)})
     emit(res_fd, {"t": "done"})
