@@ -31,11 +31,15 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
 def _add_reward(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reward", help="score responses with the math verifier or the code sandbox")
     p.add_argument("kind", choices=["math", "code"])
-    p.add_argument("--jsonl", required=True, help="rows {id, response, gold} (math) or {id, response, tests} (code)")
+    p.add_argument("--jsonl", help="rows {id, response, gold} (math) or {id, response, tests} (code)")
     p.add_argument("--workers", type=int, default=2, help="worker processes")
     p.add_argument("--timeout", type=float, default=10.0, help="hard wall-clock limit per row, seconds")
     p.add_argument("--no-require-think", action="store_true",
                    help="grade the whole response when '</think>' is missing (non-reasoning models)")
+    p.add_argument("--isolation", choices=["namespaces", "plain"], default="namespaces",
+                   help="code: isolation the sandbox must have (it refuses to run with less); 'plain' = rlimits only")
+    p.add_argument("--probe", action="store_true",
+                   help="code: only run the sandbox self-check and print what it measured as JSON (exit 2 if short)")
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
@@ -142,8 +146,14 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_reward(args: argparse.Namespace) -> int:
     from async_or1.rewards.cli import main
 
+    if args.probe:
+        from async_or1.rewards.cli import probe_main
+
+        return probe_main(args.isolation)
+    if not args.jsonl:
+        raise SystemExit("async-or1 reward: --jsonl F is required (or --probe)")
     return main(args.kind, args.jsonl, workers=args.workers, timeout_s=args.timeout,
-                require_think=not args.no_require_think)
+                require_think=not args.no_require_think, isolation=args.isolation)
 
 
 def cmd_data(args: argparse.Namespace) -> int:

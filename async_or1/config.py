@@ -114,6 +114,10 @@ class RewardsConfig:
     code_timeout_s: float = _f(10.0, "Wall-clock limit of one code sandbox run (all tests of a sample).")
     code_memory_mb: int = _f(4096, "Address-space limit of the sandboxed program.")
     require_think: bool = _f(True, "A response without '</think>' was truncated and scores 0 (reasoning models).")
+    code_isolation: Literal["namespaces", "plain"] = _f("namespaces", "Isolation the code sandbox must have, "
+        "checked by a self-check at start: 'namespaces' (private file system, no network, own pid namespace; needs "
+        "root) or 'plain' (rlimits and a scratch dir only, for trusted code). With less, training on code rows "
+        "refuses to start.")
 
 
 @dataclass

@@ -46,7 +46,8 @@ def run_inprocess(cfg: Any, spec: dict, resume: bool = False) -> int:
             from async_or1.data.filter_cli import stop_token_ids
             rc = cfg.rewards
             with RewardPool(workers=rc.workers, math_timeout_s=rc.math_timeout_s, code_timeout_s=rc.code_timeout_s,
-                            code_memory_mb=rc.code_memory_mb, require_think=rc.require_think) as rewards:
+                            code_memory_mb=rc.code_memory_mb, require_think=rc.require_think,
+                            code_isolation=rc.code_isolation) as rewards:
                 GeneratorWorker(generator_id=gid, engine=engine, endpoint=hub.generator(gid), rewards=rewards,
                                 tokenizer=tokenizer, temperature=cfg.algo.temperature, top_p=cfg.algo.top_p,
                                 top_k=cfg.algo.top_k, prompts_per_lease=cfg.generation.prompts_per_lease,

@@ -84,6 +84,25 @@ def resolve_inputs(cfg: Any) -> dict:
             "train_files": train_files, "eval_files": eval_files}
 
 
+def check_code_sandbox(cfg: Any, train_files: list) -> None:
+    """Refuse to start when code rows would be scored with less sandbox isolation than configured
+    (``rewards.code_isolation``); a run whose data holds no code row does not need the sandbox."""
+    if "code" not in cfg.data.abilities:
+        return
+    from async_or1.rewards.sandbox import SandboxUnavailable, require
+
+    try:
+        report = require(cfg.rewards.code_isolation)
+    except SandboxUnavailable as e:
+        from async_or1.data.rows import iter_rows
+
+        if not any(isinstance(row, dict) and row.get("ability") == "code"
+                   for path in train_files for _, row in iter_rows(path)):
+            return
+        raise SystemExit(f"async-or1: refusing to start: the data holds code rows and {e}") from None
+    print(f"async-or1: code sandbox: {report.summary()}", flush=True)
+
+
 def build_spec(cfg: Any, inputs: dict, run_dir: Path) -> dict:
     from async_or1.config import to_dict
     from async_or1.launch_spec import device_kind, free_port
@@ -235,6 +254,8 @@ def run_role(cfg: Any, role: str, generator_id: int | None, resume: bool) -> int
         raise SystemExit("--role needs fixed ports: set transport.port and transport.weights_port (non-zero)")
     logging.basicConfig(level=logging.INFO, format=f"[{role}] %(asctime)s %(message)s")
     inputs = resolve_inputs(cfg)
+    if role == "generator":
+        check_code_sandbox(cfg, inputs["train_files"])
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = build_spec(cfg, inputs, run_dir)
@@ -267,6 +288,7 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     inputs = resolve_inputs(cfg)
+    check_code_sandbox(cfg, inputs["train_files"])
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     evals_on = bool(inputs["eval_files"]) and cfg.eval.k > 0
     before = None

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from async_or1.rewards.pool import RewardPool  # noqa: E402
-from async_or1.rewards.sandbox import isolation_mode  # noqa: E402
+from async_or1.rewards.sandbox import probe  # noqa: E402
 
 # (gold, correct final answer, wrong final answer)
 FORMS = [
@@ -113,7 +113,7 @@ def main() -> int:
         code_s = time.monotonic() - t0
     n_tests = sum(r.details.get("total_tests", 0) for r in cres)
     result = {
-        "workers": args.workers, "cpu_count": os.cpu_count(), "isolation": isolation_mode(),
+        "workers": args.workers, "cpu_count": os.cpu_count(), "isolation": probe("namespaces").summary(),
         "math": {"items": len(mitems), "seconds": round(math_s, 3), "verdicts_per_s": round(len(mitems) / math_s, 1),
                  "correct_frac": round(sum(r.correct for r in mres) / len(mres), 3),
                  "timeouts": sum(r.reason == "timeout" for r in mres),

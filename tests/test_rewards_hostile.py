@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from async_or1.rewards.code import prepare_tests, run_code, score_run
-from async_or1.rewards.sandbox import UID_BASE, execute, isolation_mode
+from async_or1.rewards.sandbox import UID_BASE, execute, probe
 
 TAG = uuid.uuid4().hex
 SECRET = f"secret-{uuid.uuid4().hex}"          # an expected output that must never leak
@@ -90,7 +90,8 @@ PROGRAMS = {
 # Without namespaces (not root) the sandbox has no file-system or network isolation and keeps this
 # user's uid (kill(-1) would end this test run): the programs that test those are not run there,
 # and the results must say loudly that the isolation is missing.
-NS = isolation_mode() == "ns"
+NS = probe("namespaces").shortfall() is None
+ISOLATION = "namespaces" if NS else "plain"
 NEEDS_NS = ("searches_for_expected", "writes_outside", "kills_parent_and_group", "connects_to_local_port")
 if not NS:
     for _name in NEEDS_NS:
@@ -132,7 +133,8 @@ def results(listener, secret_file):
     before = set(glob.glob(os.path.join(tempfile.gettempdir(), "async-or1-sandbox-*")))
     t0 = time.monotonic()
     with ThreadPoolExecutor(2) as ex:
-        futs = {name: ex.submit(run_code, f"</think>\n```python\n{code}\n```", tests, timeout_s=1.5, memory_mb=1024)
+        futs = {name: ex.submit(run_code, f"</think>\n```python\n{code}\n```", tests, timeout_s=1.5, memory_mb=1024,
+                                isolation=ISOLATION)
                 for name, (code, tests) in programs.items()}
         out = {name: f.result() for name, f in futs.items()}
     out["_elapsed"] = time.monotonic() - t0
@@ -187,7 +189,7 @@ def test_no_connection_reached_the_listener(results, listener):
 def test_process_limit_really_bounds_a_fork_bomb():
     code = ("import os, time\nn = 0\nwhile True:\n    try:\n        pid = os.fork()\n"
             "    except OSError:\n        break\n    if pid == 0:\n        time.sleep(30)\n    n += 1\nprint(n)")
-    run = execute(code, "stdio", [{"stdin": ""}], timeout_s=5, memory_mb=512)
+    run = execute(code, "stdio", [{"stdin": ""}], timeout_s=5, memory_mb=512, isolation=ISOLATION)
     assert run.tests[0] is not None and run.tests[0]["status"] == "ok", run
     # as root: RLIMIT_NPROC (32) of the fresh sandbox uid; otherwise the user's tasks + 32
     assert 0 < int(run.tests[0]["out"]) < (32 if os.geteuid() == 0 else 64)
@@ -197,7 +199,7 @@ def test_memory_limit_covers_the_whole_process_tree():
     # each process stays under the address-space limit; together they exceed memory_mb
     code = ("import os, time\nfor _ in range(4):\n    if os.fork() == 0:\n        b = bytearray(700 << 20)\n"
             "        time.sleep(20)\n        os._exit(0)\ntime.sleep(20)\nprint('survived')")
-    run = execute(code, "stdio", [{"stdin": ""}], timeout_s=10, memory_mb=1024)
+    run = execute(code, "stdio", [{"stdin": ""}], timeout_s=10, memory_mb=1024, isolation=ISOLATION)
     assert run.end["why"] == "memory limit", run.end
     assert run.seconds < 8 and run.end["peak_rss_mb"] < 2500
 

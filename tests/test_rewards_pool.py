@@ -149,7 +149,7 @@ def test_cli_code_via_console_script(tmp_path):
                        "seconds": rows[0]["seconds"]}
     assert rows[1]["passed"] is False and rows[3]["passed"] is True
     assert rows[2]["line"] == 3 and "same length" in rows[2]["error"]
-    assert "sandbox isolation" in p.stderr
+    assert "code sandbox: namespaces: host files hidden, network unreachable, host processes hidden" in p.stderr
 
 
 def test_cli_unreadable_file_exits_2(tmp_path, capsys):

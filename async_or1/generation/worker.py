@@ -339,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rc = cfg.rewards
     with RewardPool(workers=rc.workers, math_timeout_s=rc.math_timeout_s, code_timeout_s=rc.code_timeout_s,
-                    code_memory_mb=rc.code_memory_mb, require_think=rc.require_think) as rewards:
+                    code_memory_mb=rc.code_memory_mb, require_think=rc.require_think,
+                    code_isolation=rc.code_isolation) as rewards:
         worker = GeneratorWorker(generator_id=args.generator_id, engine=engine, endpoint=endpoint, rewards=rewards,
                                  tokenizer=tokenizer, temperature=cfg.algo.temperature, top_p=cfg.algo.top_p,
                                  top_k=cfg.algo.top_k, prompts_per_lease=cfg.generation.prompts_per_lease,

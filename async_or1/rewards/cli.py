@@ -7,18 +7,22 @@ code rows ``{"id", "response", "tests"}`` (tests: see ``rewards.code``) ->
 
 Every non-blank input line gets exactly one output line, in order, however hostile the solution.
 A malformed line gets the same keys with a failing verdict plus ``"line"`` and ``"error"`` naming
-the line and the problem. Exit status 0, or 2 when the file cannot be read at all.
+the line and the problem. For code, the sandbox's self-check comes first (one stderr line saying
+what it measured); with less isolation than ``--isolation`` nothing runs. Exit status 0, or 2 when
+the file cannot be read or the sandbox refuses.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 from typing import Any
 
 from async_or1.rewards.code import prepare_tests
 from async_or1.rewards.math import normalize_gold
 from async_or1.rewards.pool import RewardPool, RewardResult
+from async_or1.rewards.sandbox import SandboxUnavailable, probe
 
 CHUNK_ROWS = 256
 _TRUTH_FIELD = {"math": "gold", "code": "tests"}
@@ -74,7 +78,7 @@ def _safe_id(raw: bytes) -> Any:
         return None
 
 
-def _flush(kind: str, pool: RewardPool, batch: list[tuple[int, Any, Any]], state: dict) -> None:
+def _flush(kind: str, pool: RewardPool, batch: list[tuple[int, Any, Any]]) -> None:
     items = [item for _, _, item in batch if not isinstance(item, RowError)]
     scored = iter(pool.score([(kind, resp, truth) for resp, truth in items]) if items else [])
     for lineno, row_id, item in batch:
@@ -82,16 +86,20 @@ def _flush(kind: str, pool: RewardPool, batch: list[tuple[int, Any, Any]], state
             out = _out_row(kind, row_id, RewardResult(0.0, False, str(item), 0.0))
             out.update(line=lineno, error=str(item))
         else:
-            r = next(scored)
-            if kind == "code" and not state.get("isolation_told") and r.details.get("isolation"):
-                print(f"async-or1 reward: sandbox isolation: {r.details['isolation']}", file=sys.stderr)
-                state["isolation_told"] = True
-            out = _out_row(kind, row_id, r)
+            out = _out_row(kind, row_id, next(scored))
         sys.stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
     sys.stdout.flush()
 
 
-def main(kind: str, jsonl_path: str, workers: int = 2, timeout_s: float = 10.0, require_think: bool = True) -> int:
+def probe_main(isolation: str) -> int:
+    """``async-or1 reward code --probe``: the sandbox self-check as one JSON object; 2 when it falls short."""
+    report = probe(isolation)
+    print(json.dumps({**asdict(report), "shortfall": report.shortfall()}))
+    return 0 if report.shortfall() is None else 2
+
+
+def main(kind: str, jsonl_path: str, workers: int = 2, timeout_s: float = 10.0, require_think: bool = True,
+         isolation: str = "namespaces") -> int:
     if kind not in _TRUTH_FIELD:
         print(f"async-or1 reward: unknown kind {kind!r} (math or code)", file=sys.stderr)
         return 2
@@ -100,10 +108,11 @@ def main(kind: str, jsonl_path: str, workers: int = 2, timeout_s: float = 10.0, 
     except OSError as e:
         print(f"async-or1 reward: cannot read {jsonl_path}: {e.strerror or e}", file=sys.stderr)
         return 2
-    state: dict = {}
     try:
         with f, RewardPool(workers=workers, math_timeout_s=timeout_s, code_timeout_s=timeout_s,
-                           require_think=require_think) as pool:
+                           require_think=require_think, code_isolation=isolation) as pool:
+            if kind == "code":
+                print(f"async-or1 reward: code sandbox: {pool.sandbox().summary()}", file=sys.stderr)
             batch: list[tuple[int, Any, Any]] = []
             for lineno, raw in enumerate(f, 1):
                 if not raw.strip():
@@ -114,10 +123,13 @@ def main(kind: str, jsonl_path: str, workers: int = 2, timeout_s: float = 10.0, 
                 except RowError as e:
                     batch.append((lineno, _safe_id(raw), e))
                 if len(batch) >= CHUNK_ROWS:
-                    _flush(kind, pool, batch, state)
+                    _flush(kind, pool, batch)
                     batch = []
             if batch:
-                _flush(kind, pool, batch, state)
+                _flush(kind, pool, batch)
+    except SandboxUnavailable as e:
+        print(f"async-or1 reward: {e}", file=sys.stderr)
+        return 2
     except OSError as e:
         if isinstance(e, BrokenPipeError):  # stdout closed by the reader (e.g. piped into head)
             return 0

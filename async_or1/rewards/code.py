@@ -23,7 +23,7 @@ from typing import Any
 
 from async_or1.rewards.compare import returned_value_matches, stdout_equal
 from async_or1.rewards.math import extract_final_answer
-from async_or1.rewards.sandbox import SandboxRun, execute
+from async_or1.rewards.sandbox import SandboxRun, execute, require
 
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)[ \t]*\r?\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
@@ -150,8 +150,11 @@ def score_run(mode: str, tests: list[dict], expected: list[Any], run: SandboxRun
     return passed, (f"all {n} tests passed" if passed == n else f"{passed}/{n} tests passed; first failure {first}")
 
 
-def run_code(response: str, tests: Any, *, timeout_s: float, memory_mb: int, require_think: bool = True) -> dict:
-    """{passed, passed_tests, total_tests, reason, isolation, seconds}; never raises for a bad program."""
+def run_code(response: str, tests: Any, *, timeout_s: float, memory_mb: int, require_think: bool = True,
+             isolation: str = "namespaces") -> dict:
+    """{passed, passed_tests, total_tests, reason, isolation, seconds}; never raises for a bad program.
+
+    Raises ``SandboxUnavailable`` (before running anything) when the sandbox cannot give ``isolation``."""
     out = {"passed": False, "passed_tests": 0, "total_tests": 0, "reason": "", "isolation": "", "seconds": 0.0}
     try:
         mode, child_tests, expected, fn_name = prepare_tests(tests)
@@ -178,7 +181,9 @@ def run_code(response: str, tests: Any, *, timeout_s: float, memory_mb: int, req
     if not child_tests:
         out["reason"] = "no tests"
         return out
-    run = execute(code, mode, child_tests, fn_name=fn_name, timeout_s=timeout_s, memory_mb=memory_mb)
+    require(isolation)
+    run = execute(code, mode, child_tests, fn_name=fn_name, timeout_s=timeout_s, memory_mb=memory_mb,
+                  isolation=isolation)
     passed, reason = score_run(mode, child_tests, expected, run)
     out.update(passed=passed == len(child_tests), passed_tests=passed, reason=reason, isolation=run.isolation,
                seconds=round(run.seconds, 4))

@@ -6,6 +6,11 @@ processes from ``workers`` threads (so at most ``workers`` programs run at once)
 mixed batch proceed at the same time. Everything starts lazily on first use and ``close()`` kills
 what is left; it works from any thread and inside daemonic child processes (no ``multiprocessing``).
 Calls to ``score`` are serialised by a lock (one batch at a time per pool).
+
+Code runs with ``code_isolation`` or not at all: the first batch with code (or ``sandbox()``)
+probes the sandbox, and when it gives less than that, ``score`` raises ``SandboxUnavailable``
+instead of scoring: a verifier that quietly lost its isolation, or rejects correct code, must stop
+the run rather than teach the policy.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 from async_or1.rewards.code import run_code
 from async_or1.rewards.math import normalize_gold
 from async_or1.rewards.math_workers import MathWorkers
-from async_or1.rewards.sandbox import START_GRACE_S
+from async_or1.rewards.sandbox import START_GRACE_S, IsolationReport, SandboxUnavailable, require
 
 
 @dataclass
@@ -37,10 +42,11 @@ def _fail(reason: str, seconds: float = 0.0, **details: Any) -> RewardResult:
 
 class RewardPool:
     def __init__(self, workers: int = 2, math_timeout_s: float = 10.0, code_timeout_s: float = 10.0,
-                 code_memory_mb: int = 4096, require_think: bool = True, math_memory_mb: int = 4096) -> None:
+                 code_memory_mb: int = 4096, require_think: bool = True, math_memory_mb: int = 4096,
+                 code_isolation: str = "namespaces") -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        self.workers, self.require_think = workers, require_think
+        self.workers, self.require_think, self.code_isolation = workers, require_think, code_isolation
         self.math_timeout_s, self.code_timeout_s = float(math_timeout_s), float(code_timeout_s)
         self.code_memory_mb, self.math_memory_mb = int(code_memory_mb), int(math_memory_mb)
         self._math: MathWorkers | None = None
@@ -64,6 +70,10 @@ class RewardPool:
                 self._code.shutdown(wait=True)
                 self._code = None
 
+    def sandbox(self) -> IsolationReport:
+        """The code sandbox's measured isolation; ``SandboxUnavailable`` when less than ``code_isolation``."""
+        return require(self.code_isolation)
+
     def math_worker_pids(self) -> list[int]:
         return self._math.pids() if self._math is not None else []
 
@@ -71,7 +81,9 @@ class RewardPool:
         t0 = time.monotonic()
         try:
             r = run_code(response, tests, timeout_s=self.code_timeout_s, memory_mb=self.code_memory_mb,
-                         require_think=self.require_think)
+                         require_think=self.require_think, isolation=self.code_isolation)
+        except SandboxUnavailable:
+            raise
         except Exception as e:  # a sandbox failure costs this item only
             return _fail(f"sandbox failure: {type(e).__name__}: {e}", time.monotonic() - t0)
         details = {k: r[k] for k in ("passed_tests", "total_tests", "isolation")}
@@ -105,6 +117,8 @@ class RewardPool:
                 code_items.append((i, response, truth))
             else:
                 results[i] = _fail(f"unknown ability {ability!r}: no verifier")
+        if code_items:
+            self.sandbox()  # before anything runs: raises when the isolation is less than asked
         if code_items and self._code is None:
             self._code = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="reward-code")
         futures = [(i, self._code.submit(self._code_one, r, t)) for i, r, t in code_items]
@@ -123,6 +137,8 @@ class RewardPool:
         for i, fut in futures:
             try:
                 results[i] = fut.result(timeout=max(0.0, deadline - time.monotonic()))
+            except SandboxUnavailable:
+                raise
             except Exception as e:
                 results[i] = _fail(f"sandbox failure: {type(e).__name__}: {e}")
         return [r if r is not None else _fail("internal error: no result") for r in results]

@@ -5,9 +5,12 @@ of one sample. The harness enforces the wall-clock and memory limits itself; thi
 outer deadline (harness start-up + limit + margin) after which the whole session is SIGKILLed, so
 even a broken harness cannot hold a caller forever. Safe to call from many threads at once.
 
-Isolation is probed once per process (``isolation_mode``): namespaces when running as root and
-``unshare`` works, else a loud warning and the plain mode (rlimits + scratch cwd only). Set
-``ASYNC_OR1_SANDBOX_ISOLATION=ns|plain`` to force one.
+Isolation is what the caller asks for, never less: ``"namespaces"`` (private root, no network, own
+pid namespace; needs root) or ``"plain"`` (rlimits and a scratch cwd only, by explicit request).
+``probe(isolation)`` runs a self-check program once per process and reports what the sandbox
+really gives (can a program see a host file, reach a host port, see host processes, import the
+standard library?); ``require(isolation)`` raises ``SandboxUnavailable`` when that is less than
+asked. A namespace set-up that fails is that error, not a quiet downgrade.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import os
 import selectors
 import shutil
 import signal
+import site
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -37,8 +42,13 @@ _STDERR_KEEP = 64 << 10
 
 _slot_lock = threading.Lock()
 _busy_slots: set[int] = set()
-_mode_lock = threading.Lock()
-_mode: str | None = None
+ISOLATIONS = ("plain", "namespaces")   # weakest first
+_probe_lock = threading.Lock()
+_probes: dict[str, "IsolationReport"] = {}
+
+
+class SandboxUnavailable(RuntimeError):
+    """The sandbox cannot give the isolation asked for: an error for the caller, never a downgrade."""
 
 
 @dataclass
@@ -74,7 +84,10 @@ def _ro_paths() -> list[str]:
 
 
 def _sys_path() -> list[str]:
-    return list(dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib")))
+    # the site-packages this interpreter itself uses (a venv's own, plus the base ones with
+    # --system-site-packages), so a solution sees the same packages from every install location
+    dirs = [sysconfig.get_paths()[k] for k in ("purelib", "platlib")] + site.getsitepackages()
+    return [p for p in dict.fromkeys(os.path.realpath(d) for d in dirs) if os.path.isdir(p)]
 
 
 def _parse(run: SandboxRun, line: bytes, n_tests: int) -> None:
@@ -117,10 +130,14 @@ def _kill_session(proc: subprocess.Popen) -> None:
 
 
 def execute(code: str, mode: str, tests: list[dict], *, fn_name: str | None = None, timeout_s: float,
-            memory_mb: int, output_limit: int = OUTPUT_LIMIT, isolation: str | None = None) -> SandboxRun:
-    """Run ``code`` against ``tests`` (stdin texts, call args or assert expressions) in the sandbox."""
+            memory_mb: int, isolation: str, output_limit: int = OUTPUT_LIMIT) -> SandboxRun:
+    """Run ``code`` against ``tests`` (stdin texts, call args or assert expressions) in the sandbox.
+
+    ``isolation`` is applied as asked or the run fails with ``setup_error``; check it first with
+    ``require``."""
+    if isolation not in ISOLATIONS:
+        raise ValueError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
     t0 = time.monotonic()
-    isolation = isolation or isolation_mode()
     slot = _acquire_slot()
     scratch = tempfile.mkdtemp(prefix="async-or1-sandbox-")
     biggest_input = max((len(t.get("stdin", "").encode("utf-8", "surrogateescape")) for t in tests), default=0)
@@ -192,28 +209,155 @@ def _read_records(proc: subprocess.Popen, run: SandboxRun, n_tests: int, deadlin
         run.stderr = err.decode("utf-8", "replace")
 
 
-def isolation_mode() -> str:
-    """'ns' or 'plain', decided once per process by a probe run (loud warning on 'plain')."""
-    global _mode
-    forced = os.environ.get("ASYNC_OR1_SANDBOX_ISOLATION", "")
-    if forced in ("ns", "plain"):
-        return forced
-    with _mode_lock:
-        if _mode is None:
-            _mode = _probe()
-        return _mode
+PROBE = """
+import json, os
+req = json.loads(input())
+out = {}
+try:
+    with open(req["file"]) as f:
+        out["file"] = f.read()
+except OSError as e:
+    out["file"] = None
+try:
+    import socket
+    socket.create_connection(("127.0.0.1", req["port"]), timeout=2).close()
+    out["net"] = True
+except ImportError as e:
+    out["net"] = None
+except OSError:
+    out["net"] = False
+try:
+    with open("/proc/%d/stat" % req["pid"]) as f:
+        out["pid"] = f.read().rsplit(")", 1)[1].split()[19]
+except (OSError, IndexError):
+    out["pid"] = None
+try:
+    import dataclasses, decimal, fractions, statistics
+    @dataclasses.dataclass
+    class P:
+        x: fractions.Fraction
+    out["stdlib"] = str(P(fractions.Fraction(1, 3)).x + fractions.Fraction(statistics.median([1, 2]))) == "11/6"
+except Exception as e:
+    out["stdlib"] = "%s: %s" % (type(e).__name__, e)
+print(json.dumps(out))
+"""
 
 
-def _probe() -> str:
-    if not sys.platform.startswith("linux") or os.geteuid() != 0:
-        log.warning("code sandbox: not running as root, so no namespaces and no separate uid: programs run "
-                    "with rlimits in a scratch dir only (no network or file-system isolation)")
-        return "plain"
-    run = execute("print(6*7)", "stdio", [{"stdin": ""}], timeout_s=10.0, memory_mb=1024, isolation="ns")
+@dataclass(frozen=True)
+class IsolationReport:
+    """What the sandbox really gives, measured by running ``PROBE`` in it."""
+    requested: str
+    applied: str = ""                       # the harness's own account (mode, uid, rlimits)
+    host_file_visible: bool | None = None   # could it read a world-readable file of the host?
+    network_reachable: bool | None = None   # could it connect to a port on the host's loopback?
+    host_processes_visible: bool | None = None  # could it see this process in /proc?
+    stdlib: str = ""                        # "ok" or why importing fractions/dataclasses/... failed
+    error: str | None = None                # the sandbox could not run the probe at all
+
+    def shortfall(self) -> str | None:
+        """Why this is less than ``requested`` (None when it is not)."""
+        if self.error:
+            return self.error
+        if self.stdlib != "ok":
+            return f"the sandboxed program cannot use the standard library ({self.stdlib}): correct programs would fail"
+        if self.requested == "namespaces":
+            leaks = [what for what, bad in (("a host file", self.host_file_visible),
+                                            ("the host network", self.network_reachable),
+                                            ("host processes", self.host_processes_visible)) if bad is not False]
+            if leaks:
+                return "the sandboxed program can reach " + ", ".join(leaks)
+        return None
+
+    def summary(self) -> str:
+        if self.error:
+            return f"{self.requested}: UNAVAILABLE ({self.error})"
+        yes_no = (lambda v, yes, no: "unknown " + yes if v is None else (yes.upper() if v else no))
+        return (f"{self.requested}: host files {yes_no(self.host_file_visible, 'visible', 'hidden')}, network "
+                f"{yes_no(self.network_reachable, 'reachable', 'unreachable')}, host processes "
+                f"{yes_no(self.host_processes_visible, 'visible', 'hidden')}, stdlib "
+                f"{'readable' if self.stdlib == 'ok' else 'BROKEN: ' + self.stdlib} [{self.applied}]")
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _run_probe(isolation: str) -> IsolationReport:
+    token = f"async-or1-probe-{os.urandom(8).hex()}"
+    probe_dir = tempfile.mkdtemp(prefix="async-or1-probe-")
+    listener = socket.socket()
+    try:
+        os.chmod(probe_dir, 0o755)  # as readable as a data set or a home directory usually is
+        marker = os.path.join(probe_dir, "host-file")
+        with open(marker, "w") as f:
+            f.write(token)
+        os.chmod(marker, 0o644)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        stdin = json.dumps({"file": marker, "port": listener.getsockname()[1], "pid": os.getpid()})
+        run = execute(PROBE, "stdio", [{"stdin": stdin}], timeout_s=10.0, memory_mb=1024, isolation=isolation)
+    finally:
+        listener.close()
+        shutil.rmtree(probe_dir, ignore_errors=True)
     rec = run.tests[0]
-    if run.ready and rec is not None and rec.get("out") == "42\n":
-        return "ns"
-    why = run.setup_error or run.module_error or run.stderr.strip()[-300:] or str(run.end)
-    log.warning("code sandbox: namespace isolation unavailable (%s); falling back to rlimits + separate uid "
-                "only: no network or file-system isolation", why)
-    return "plain"
+    if run.setup_error or not run.ready or rec is None or rec.get("status") != "ok":
+        why = run.setup_error or (rec or {}).get("err") or run.module_error or run.stderr.strip()[-300:] \
+            or str(run.end) or "no result"
+        return IsolationReport(isolation, applied=run.isolation, error=f"{isolation} sandbox failed: {why}")
+    try:
+        got = json.loads(rec["out"])
+    except (ValueError, TypeError):
+        return IsolationReport(isolation, applied=run.isolation, error=f"unreadable probe output {rec['out'][:200]!r}")
+    mine = _start_time(os.getpid())
+    return IsolationReport(isolation, applied=run.isolation, host_file_visible=got.get("file") == token,
+                           network_reachable=got.get("net"),
+                           host_processes_visible=got.get("pid") is not None and got.get("pid") == mine,
+                           stdlib="ok" if got.get("stdlib") is True else str(got.get("stdlib")))
+
+
+def _closed_ancestor(path: str) -> str | None:
+    """The first directory on the way to ``path`` that other users cannot traverse, if any."""
+    parts = os.path.realpath(path).split("/")
+    for k in range(2, len(parts) + 1):
+        d = "/".join(parts[:k])
+        try:
+            if not os.stat(d).st_mode & 0o001:
+                return d
+        except OSError:
+            return d
+    return None
+
+
+def probe(isolation: str = "namespaces") -> IsolationReport:
+    """The isolation the sandbox really gives when asked for ``isolation`` (measured once per process)."""
+    if isolation not in ISOLATIONS:
+        raise ValueError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
+    with _probe_lock:
+        if isolation not in _probes:
+            _probes[isolation] = _run_probe(isolation)
+            log.info("code sandbox: %s", _probes[isolation].summary())
+        return _probes[isolation]
+
+
+def require(isolation: str = "namespaces") -> IsolationReport:
+    """``probe(isolation)``, or ``SandboxUnavailable`` saying why the sandbox gives less."""
+    report = probe(isolation)
+    why = report.shortfall()
+    if why is not None:
+        closed = _closed_ancestor(_ro_paths()[0]) if os.geteuid() == 0 and report.stdlib != "ok" else None
+        if closed:
+            hint = (f"{closed} is not searchable by other users, and the sandboxed program runs as another uid: "
+                    f"`chmod o+x {closed}`, or install Python elsewhere")
+        elif isolation == "namespaces":
+            hint = "namespaces need root, and unshare must be permitted (a container's seccomp profile can block it)"
+        else:
+            hint = "nothing ran"
+        if isolation == "namespaces":
+            hint += (". To run untrusted code with rlimits only, ask for that explicitly "
+                     "(rewards.code_isolation=plain, or --isolation plain)")
+        raise SandboxUnavailable(f"code sandbox: asked for {isolation} isolation, but {why}. {hint}.")
+    return report

@@ -5,7 +5,7 @@ Reads one JSON request on stdin, then:
   supervisor (this process, root or the caller's uid, trusted, never runs solution code)
     - dies with its parent (PR_SET_PDEATHSIG) and adopts orphans (PR_SET_CHILD_SUBREAPER), so
       double-forked / setsid'ed descendants can still be found and killed;
-    - mode "ns": unshare(NEWNS|NEWNET|NEWPID|NEWIPC), then fork -> the child is pid 1 of a fresh
+    - isolation "namespaces": unshare(NEWNS|NEWNET|NEWPID|NEWIPC), then fork -> the child is pid 1 of a fresh
       pid namespace: when it dies the kernel kills every process left inside;
     - enforces the wall-clock limit (started when the child says it is ready) and a memory limit on
       the whole process tree (RSS sum, polled), kills the tree, and appends an "end" record.
@@ -196,7 +196,7 @@ def main() -> None:
     prctl(PR_SET_CHILD_SUBREAPER, 1)
     req = json.loads(sys.stdin.buffer.read())
     runner = _load_runner()
-    ns = req["isolation"] == "ns"
+    ns = req["isolation"] == "namespaces"
     if ns and _libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC) != 0:
         e = ctypes.get_errno()
         emit(1, {"t": "setup-error", "err": f"unshare: {os.strerror(e)}"})

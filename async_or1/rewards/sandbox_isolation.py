@@ -47,6 +47,11 @@ def enter_namespace_root(req: dict, libc) -> str:
     _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)  # nothing below propagates to the host
     _mount(libc, "sandbox", root, "tmpfs", MS_NOSUID | MS_NODEV,
            f"size={int(req['scratch_mb'])}m,nr_inodes=4096,mode=755")
+    # the sandbox's own /tmp comes first: a Python installation under /tmp (a venv in /tmp/x) is then
+    # bound read-only inside it instead of colliding with it
+    os.mkdir(root + "/tmp", 0o700)
+    if os.geteuid() == 0:
+        os.chown(root + "/tmp", uid, uid)
     bound = ["/usr"]
     _bind_ro(libc, root, "/usr")
     for name in ("/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32"):
@@ -57,6 +62,9 @@ def enter_namespace_root(req: dict, libc) -> str:
             bound.append(name)
     for path in req["ro_paths"]:
         path = os.path.realpath(path)
+        if path.rstrip("/") in ("", "/tmp", "/proc", "/dev"):
+            raise OSError(f"the Python installation {path} would cover the sandbox's own {path or '/'}: "
+                          "install Python (or the virtual environment) in a directory of its own")
         if os.path.isdir(path) and not _covered(path, bound):
             _bind_ro(libc, root, path)
             bound.append(path)
@@ -68,9 +76,6 @@ def enter_namespace_root(req: dict, libc) -> str:
     for k, name in enumerate(("stdin", "stdout", "stderr")):
         os.symlink(f"/proc/self/fd/{k}", root + "/dev/" + name)
     os.mkdir(root + "/proc", 0o555)
-    os.mkdir(root + "/tmp", 0o700)
-    if os.geteuid() == 0:
-        os.chown(root + "/tmp", uid, uid)
     os.chroot(root)
     os.chdir("/tmp")
     _mount(libc, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
