@@ -1,0 +1,115 @@
+"""The code sandbox from the places users install the package: a venv under /tmp, a venv under $HOME,
+and the system interpreter (Debian's /usr/bin/python3, with the worktree on PYTHONPATH).
+
+Each interpreter runs ``CHECK`` in a fresh process: the self-check must report namespace isolation
+with nothing leaking, correct programs that import ``fractions`` and ``dataclasses`` (stdin, call
+and assert layouts) must pass, and hostile ones (reading a host file, connecting to a host port,
+writing outside, an empty program named like a prelude function) must fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(os.geteuid() != 0, reason="namespace isolation needs root")]
+
+CHECK = r'''
+import json, sys
+from async_or1.rewards.code import run_code
+from async_or1.rewards.sandbox import require
+
+marker, port, outside = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+report = require("namespaces")
+R = lambda code: "reasoning</think>\n```python\n" + code + "\n```"
+run = lambda code, tests: run_code(R(code), tests, timeout_s=10, memory_mb=1024)
+DC = "from dataclasses import dataclass\nfrom fractions import Fraction\n@dataclass\nclass P:\n    q: Fraction\n"
+good = {
+    "stdio_fractions": run(DC + "a, b = map(int, input().split())\nprint(P(Fraction(a, b)).q + Fraction(1, 3))",
+                           {"inputs": ["1 2\n", "2 3\n"], "outputs": ["5/6", "1"]}),
+    "call_dataclass": run(DC + "class Solution:\n    def half(self, n: int) -> str:\n        return str(P(Fraction(n, 2)).q)",
+                          {"fn_name": "half", "inputs": [[3], [4]], "outputs": ["3/2", "2"]}),
+    "assert_gcd": run("from math import gcd as g\ndef gcd(a, b):\n    return g(a, b)", ["assert gcd(12, 18) == 6"]),
+    "pow_mod": run("print(pow(3, 200, 10**9 + 7))", {"inputs": [""], "outputs": [str(pow(3, 200, 10**9 + 7))]}),
+}
+bad = {
+    "reads_host_file": run("print(open(%r).read())" % marker, {"inputs": [""], "outputs": [open(marker).read()]}),
+    "connects": run("import socket\nsocket.create_connection(('127.0.0.1', %d), timeout=2)\nprint('in')" % port,
+                    {"inputs": [""], "outputs": ["in"]}),
+    "writes_outside": run("open(%r, 'w').write('x')\nprint('ok')" % outside, {"inputs": [""], "outputs": ["ok"]}),
+    "empty_add": run("pass", {"fn_name": "add", "inputs": [[1, 2]], "outputs": [3]}),
+}
+print(json.dumps({"prefix": sys.prefix, "summary": report.summary(), "shortfall": report.shortfall(),
+                  "good": {k: [v["passed"], v["reason"]] for k, v in good.items()},
+                  "bad": {k: [v["passed"], v["reason"]] for k, v in bad.items()}}))
+'''
+
+
+def _venv(where: Path) -> Path:
+    # --without-pip: the base interpreter's pip and setuptools (seen through --system-site-packages)
+    # install the worktree, so nothing is downloaded; ensurepip's bundled setuptools lacks bdist_wheel
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(where)], check=True,
+                   timeout=120)
+    py = where / "bin" / "python"
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(ROOT)],
+                   check=True, timeout=300, capture_output=True)
+    return py
+
+
+@pytest.fixture(scope="module")
+def interpreters():
+    tmp_venv = Path(tempfile.mkdtemp(prefix="async-or1-venv-", dir="/tmp"))
+    home_venv = Path(tempfile.mkdtemp(prefix="async-or1-test-venv-", dir=Path.home()))
+    try:
+        yield {"venv under /tmp": (_venv(tmp_venv / "v"), {}),
+               "venv under $HOME": (_venv(home_venv / "v"), {}),
+               "system interpreter": (Path("/usr/bin/python3"), {"PYTHONPATH": str(ROOT)})}
+    finally:
+        shutil.rmtree(tmp_venv, ignore_errors=True)
+        shutil.rmtree(home_venv, ignore_errors=True)
+
+
+@pytest.mark.parametrize("where", ["venv under /tmp", "venv under $HOME", "system interpreter"])
+def test_sandbox_from_each_install_location(interpreters, where, tmp_path):
+    py, env = interpreters[where]
+    if not py.exists():
+        pytest.skip(f"{py} is not installed here")
+    secret_dir = Path(tempfile.mkdtemp(prefix="async-or1-test-host-"))
+    os.chmod(secret_dir, 0o755)
+    marker = secret_dir / "rows.jsonl"
+    marker.write_text(f"secret-{os.urandom(8).hex()}")
+    marker.chmod(0o644)
+    outside = secret_dir / "written-by-sandbox"
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    srv.settimeout(0.2)
+    try:
+        p = subprocess.run([str(py), "-c", CHECK, str(marker), str(srv.getsockname()[1]), str(outside)],
+                           capture_output=True, text=True, timeout=240, cwd=tmp_path,
+                           env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), **env})
+        assert p.returncode == 0, p.stderr[-3000:]
+        out = json.loads(p.stdout.splitlines()[-1])
+        if where != "system interpreter":
+            assert out["prefix"] == str(py.parent.parent)
+        assert out["shortfall"] is None, out["summary"]
+        assert out["summary"].startswith("namespaces: host files hidden, network unreachable, host processes hidden, "
+                                         "stdlib readable"), out["summary"]
+        assert all(ok for ok, _ in out["good"].values()), out["good"]
+        assert not any(ok for ok, _ in out["bad"].values()), out["bad"]
+        assert not outside.exists()
+        with pytest.raises(socket.timeout):
+            srv.accept()
+    finally:
+        srv.close()
+        shutil.rmtree(secret_dir, ignore_errors=True)
