@@ -82,8 +82,9 @@ def _body_start(fn: ast.FunctionDef) -> int:
 
 
 def mutants(code: str, fn_name: str) -> dict[str, str]:
-    """empty body, early return (of the first argument), and the first integer constant + 1 (else a string)."""
-    out = {}
+    """An empty program, an empty body, an early return (of the first argument), and the first integer
+    constant + 1 (else the first string + "x")."""
+    out = {"empty_program": "pass"}
     tree = ast.parse(code)
     t = copy.deepcopy(tree)
     fn = _target(t, fn_name)
@@ -121,10 +122,11 @@ def humaneval(cache: Path) -> list[dict]:
     rows = []
     for p in picked:
         check = next(n for n in ast.parse(p["test"]).body if isinstance(n, ast.FunctionDef) and n.name == "check")
-        if not all(isinstance(s, ast.Assert) for s in check.body):
-            continue  # loops, helpers or randomness in the checker: no plain list of tests
+        plain = [s for s in check.body if isinstance(s, ast.Assert)]
+        if len(plain) < 3:
+            continue  # a checker built on loops, helpers or randomness: no plain list of tests
         asserts, calls = [], []
-        for s in check.body:
+        for s in plain:  # a checker's extra loop (random cases) is left out; the official verdict keeps it
             if isinstance(s.test, ast.Constant):  # `assert True, "..."` debugging lines
                 continue
             s = copy.deepcopy(s)
