@@ -115,8 +115,8 @@ class RewardsConfig:
     code_memory_mb: int = _f(4096, "Address-space limit of the sandboxed program.")
     require_think: bool = _f(True, "A response without '</think>' was truncated and scores 0 (reasoning models).")
     code_isolation: Literal["namespaces", "plain"] = _f("namespaces", "Isolation the code sandbox must have, "
-        "checked by a self-check at start: 'namespaces' (private file system, no network, own pid namespace; needs "
-        "root) or 'plain' (rlimits and a scratch dir only, for trusted code). With less, training on code rows "
+        "checked by a self-check at start: 'namespaces' (private file system, no network, own pid namespace; as root, "
+        "or in a user namespace) or 'plain' (rlimits and a scratch dir only, for trusted code). With less, training on code rows "
         "refuses to start.")
 
 

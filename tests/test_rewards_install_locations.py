@@ -1,10 +1,13 @@
 """The code sandbox from the places users install the package: a venv under /tmp, a venv under $HOME,
-and the system interpreter (Debian's /usr/bin/python3, with the worktree on PYTHONPATH).
+the system interpreter (Debian's /usr/bin/python3, with the worktree on PYTHONPATH), and that
+interpreter run by an unprivileged user (uid 65534 via setpriv), whose namespaces come with a user
+namespace.
 
 Each interpreter runs ``CHECK`` in a fresh process: the self-check must report namespace isolation
 with nothing leaking, correct programs that import ``fractions`` and ``dataclasses`` (stdin, call
-and assert layouts) must pass, and hostile ones (reading a host file, connecting to a host port,
-writing outside, an empty program named like a prelude function) must fail.
+and assert layouts) must pass, so must a program that signals its parent, its process group and
+every process before printing (the harness survives it), and hostile ones (reading a host file,
+connecting to a host port, writing outside, an empty program named like a prelude function) must fail.
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ good = {
                           {"fn_name": "half", "inputs": [[3], [4]], "outputs": ["3/2", "2"]}),
     "assert_gcd": run("from math import gcd as g\ndef gcd(a, b):\n    return g(a, b)", ["assert gcd(12, 18) == 6"]),
     "pow_mod": run("print(pow(3, 200, 10**9 + 7))", {"inputs": [""], "outputs": [str(pow(3, 200, 10**9 + 7))]}),
+    # hostile, but must not stop the harness from recording its output: signals to the parent, the
+    # process group, every process and pid 1 stay inside the sandbox
+    "kills_around": run("import os\nfor pid in (os.getppid(), 0, -1, 1):\n    try:\n        os.kill(pid, 9)\n"
+                        "    except OSError:\n        pass\nprint('alive')", {"inputs": [""], "outputs": ["alive"]}),
 }
 bad = {
     "reads_host_file": run("print(open(%r).read())" % marker, {"inputs": [""], "outputs": [open(marker).read()]}),
@@ -70,22 +77,31 @@ def _venv(where: Path) -> Path:
 def interpreters():
     tmp_venv = Path(tempfile.mkdtemp(prefix="async-or1-venv-", dir="/tmp"))
     home_venv = Path(tempfile.mkdtemp(prefix="async-or1-test-venv-", dir=Path.home()))
+    # the rewards package imports nothing else of async_or1: a world-readable copy of it is all that
+    # the unprivileged user needs (the worktree may sit under a directory closed to other users)
+    shared = Path(tempfile.mkdtemp(prefix="async-or1-test-pkg-", dir="/tmp"))
+    (shared / "async_or1").mkdir()
+    shutil.copy(ROOT / "async_or1" / "__init__.py", shared / "async_or1")
+    shutil.copytree(ROOT / "async_or1" / "rewards", shared / "async_or1" / "rewards")
+    subprocess.run(["chmod", "-R", "a+rX", str(shared)], check=True)
     try:
-        yield {"venv under /tmp": (_venv(tmp_venv / "v"), {}),
-               "venv under $HOME": (_venv(home_venv / "v"), {}),
-               "system interpreter": (Path("/usr/bin/python3"), {"PYTHONPATH": str(ROOT)})}
+        yield {"venv under /tmp": (_venv(tmp_venv / "v"), {}, []),
+               "venv under $HOME": (_venv(home_venv / "v"), {}, []),
+               "system interpreter": (Path("/usr/bin/python3"), {"PYTHONPATH": str(ROOT)}, []),
+               "unprivileged user": (Path("/usr/bin/python3"), {"PYTHONPATH": str(shared)},
+                                     ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])}
     finally:
-        shutil.rmtree(tmp_venv, ignore_errors=True)
-        shutil.rmtree(home_venv, ignore_errors=True)
+        for d in (tmp_venv, home_venv, shared):
+            shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.mark.parametrize("where", ["venv under /tmp", "venv under $HOME", "system interpreter"])
+@pytest.mark.parametrize("where", ["venv under /tmp", "venv under $HOME", "system interpreter", "unprivileged user"])
 def test_sandbox_from_each_install_location(interpreters, where, tmp_path):
-    py, env = interpreters[where]
-    if not py.exists():
-        pytest.skip(f"{py} is not installed here")
+    py, env, prefix = interpreters[where]
+    if not py.exists() or (prefix and not shutil.which(prefix[0])):
+        pytest.skip(f"{py} or {prefix[:1]} is not installed here")
     secret_dir = Path(tempfile.mkdtemp(prefix="async-or1-test-host-"))
-    os.chmod(secret_dir, 0o755)
+    os.chmod(secret_dir, 0o1777)  # readable and writable by anyone: only the isolation keeps a program out
     marker = secret_dir / "rows.jsonl"
     marker.write_text(f"secret-{os.urandom(8).hex()}")
     marker.chmod(0o644)
@@ -95,13 +111,16 @@ def test_sandbox_from_each_install_location(interpreters, where, tmp_path):
     srv.listen(4)
     srv.settimeout(0.2)
     try:
-        p = subprocess.run([str(py), "-c", CHECK, str(marker), str(srv.getsockname()[1]), str(outside)],
+        os.chmod(tmp_path, 0o777)
+        p = subprocess.run([*prefix, str(py), "-c", CHECK, str(marker), str(srv.getsockname()[1]), str(outside)],
                            capture_output=True, text=True, timeout=240, cwd=tmp_path,
-                           env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), **env})
+                           env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path if prefix else Path.home()), **env})
         assert p.returncode == 0, p.stderr[-3000:]
         out = json.loads(p.stdout.splitlines()[-1])
-        if where != "system interpreter":
+        if where.startswith("venv"):
             assert out["prefix"] == str(py.parent.parent)
+        if prefix:
+            assert "user namespace, uid 65534" in out["summary"], out["summary"]
         assert out["shortfall"] is None, out["summary"]
         assert out["summary"].startswith("namespaces: host files hidden, network unreachable, host processes hidden, "
                                          "stdlib readable"), out["summary"]

@@ -26,7 +26,7 @@ from async_or1.rewards.sandbox import SandboxUnavailable, probe, require
 GOOD = "reasoning</think>\n```python\na, b = map(int, input().split())\nprint(a + b)\n```"
 ADD = {"inputs": ["1 2\n"], "outputs": ["3\n"]}
 ROOT = os.geteuid() == 0
-needs_root = pytest.mark.skipif(not ROOT, reason="namespace isolation needs root")
+needs_root = pytest.mark.skipif(not ROOT, reason="runs as root (the unprivileged path is in test_rewards_install_locations)")
 
 
 @pytest.fixture

@@ -6,7 +6,8 @@ outer deadline (harness start-up + limit + margin) after which the whole session
 even a broken harness cannot hold a caller forever. Safe to call from many threads at once.
 
 Isolation is what the caller asks for, never less: ``"namespaces"`` (private root, no network, own
-pid namespace; needs root) or ``"plain"`` (rlimits and a scratch cwd only, by explicit request).
+pid namespace; as root with a fresh uid, otherwise inside a user namespace) or ``"plain"`` (rlimits
+and a scratch cwd only, by explicit request).
 ``probe(isolation)`` runs a self-check program once per process and reports what the sandbox
 really gives (can a program see a host file, reach a host port, see host processes, import the
 standard library?); ``require(isolation)`` raises ``SandboxUnavailable`` when that is less than
@@ -353,7 +354,9 @@ def require(isolation: str = "namespaces") -> IsolationReport:
             hint = (f"{closed} is not searchable by other users, and the sandboxed program runs as another uid: "
                     f"`chmod o+x {closed}`, or install Python elsewhere")
         elif isolation == "namespaces":
-            hint = "namespaces need root, and unshare must be permitted (a container's seccomp profile can block it)"
+            hint = ("namespaces need root, or, for other users, unprivileged user namespaces (sysctls "
+                    "user.max_user_namespaces, kernel.unprivileged_userns_clone, and on Ubuntu "
+                    "kernel.apparmor_restrict_unprivileged_userns); a container's seccomp profile can also block unshare")
         else:
             hint = "nothing ran"
         if isolation == "namespaces":

@@ -5,8 +5,9 @@ Reads one JSON request on stdin, then:
   supervisor (this process, root or the caller's uid, trusted, never runs solution code)
     - dies with its parent (PR_SET_PDEATHSIG) and adopts orphans (PR_SET_CHILD_SUBREAPER), so
       double-forked / setsid'ed descendants can still be found and killed;
-    - isolation "namespaces": unshare(NEWNS|NEWNET|NEWPID|NEWIPC), then fork -> the child is pid 1 of a fresh
-      pid namespace: when it dies the kernel kills every process left inside;
+    - isolation "namespaces": unshare(NEWNS|NEWNET|NEWPID|NEWIPC, plus NEWUSER when not root), then
+      fork -> the child is pid 1 of a fresh pid namespace: when it dies the kernel kills every
+      process left inside;
     - enforces the wall-clock limit (started when the child says it is ready) and a memory limit on
       the whole process tree (RSS sum, polled), kills the tree, and appends an "end" record.
   child (sandbox_runner): private tmpfs root with read-only binds of /usr and the Python prefix,
@@ -28,6 +29,7 @@ import sys
 import time
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x08000000, 0x20000000, 0x40000000
+CLONE_NEWUSER = 0x10000000
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 START_TIMEOUT_S = 30.0
 POLL_S = 0.02
@@ -188,6 +190,23 @@ def _load_runner():
     return _load("_async_or1_sandbox_runner", "sandbox_runner.py")
 
 
+def enter_namespaces() -> None:
+    """New mount, network, pid and IPC namespaces. A user other than root also gets a new user
+    namespace in which only its own uid and gid are mapped (to the same numbers), so the set-up has
+    the capabilities it needs there and the program, which drops them, runs as that user."""
+    uid, gid = os.getuid(), os.getgid()
+    flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC
+    if os.geteuid() != 0:
+        flags |= CLONE_NEWUSER
+    if _libc.unshare(flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"unshare{' (with a user namespace)' if flags & CLONE_NEWUSER else ''}: {os.strerror(e)}")
+    if flags & CLONE_NEWUSER:
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+
+
 def main() -> None:
     parent = int(sys.argv[1])
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -197,9 +216,11 @@ def main() -> None:
     req = json.loads(sys.stdin.buffer.read())
     runner = _load_runner()
     ns = req["isolation"] == "namespaces"
-    if ns and _libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC) != 0:
-        e = ctypes.get_errno()
-        emit(1, {"t": "setup-error", "err": f"unshare: {os.strerror(e)}"})
+    try:
+        if ns:
+            enter_namespaces()
+    except OSError as e:
+        emit(1, {"t": "setup-error", "err": str(e)})
         emit(1, {"t": "end", "why": "setup", "status": "not started", "peak_rss_mb": 0})
         return
     ready_r, ready_w = os.pipe()

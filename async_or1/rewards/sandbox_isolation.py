@@ -1,12 +1,15 @@
 """Isolation steps of the sandboxed child (loaded by sandbox_harness; stdlib only).
 
-Namespace mode (root, after unshare(NEWNS|NEWNET|NEWPID|NEWIPC) in the supervisor): a private
-tmpfs becomes the root, with read-only binds of /usr and the Python installation, bare device
-nodes, a /proc of the new pid namespace and a size-limited /tmp as cwd and HOME. Nothing of the
-host file system is visible or writable (the data set, the repository, other sandboxes), and all
-of it vanishes with the namespace. The network namespace has only a loopback that is down.
-Plain mode (no permission for namespaces): cwd is the scratch dir; still rlimits and, as root, a
-separate uid. Either way the privilege drop comes after the set-up and before any solution code.
+Namespace mode (after unshare(NEWNS|NEWNET|NEWPID|NEWIPC) in the supervisor, plus NEWUSER when not
+root, where only the caller's own uid is mapped): a private tmpfs becomes the root, with read-only
+binds of /usr and the Python installation, bare device nodes, a /proc of the new pid namespace and
+a size-limited /tmp as cwd and HOME. Nothing of the host file system is visible or writable (the
+data set, the repository, other sandboxes), and all of it vanishes with the namespace. The network
+namespace has only a loopback that is down. As root the program then runs as a fresh uid; in a user
+namespace it keeps the caller's uid and loses every capability (the kernel refuses a new user
+namespace inside a chroot, so it cannot get them back).
+Plain mode (by request only): cwd is the scratch dir; still rlimits and, as root, a separate uid.
+Either way the privilege drop comes after the set-up and before any solution code.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import signal
 import stat
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
-MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC = 32, 1024, 2048, 4096, 16384
+MS_PRIVATE, MS_RELATIME = 1 << 18, 1 << 21
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
 DEVICES = ("null", "zero", "full", "random", "urandom")
 
@@ -31,11 +35,19 @@ def _mount(libc, src: str | None, tgt: str, fstype: str | None, flags: int, data
         raise OSError(e, f"mount {src} on {tgt}: {os.strerror(e)}")
 
 
+_KEEP = ((os.ST_NOEXEC, MS_NOEXEC), (os.ST_NOATIME, MS_NOATIME), (os.ST_NODIRATIME, MS_NODIRATIME),
+         (os.ST_RELATIME, MS_RELATIME))
+
+
 def _bind_ro(libc, root: str, path: str) -> None:
     target = root + path
     os.makedirs(target, mode=0o755, exist_ok=True)
     _mount(libc, path, target, None, MS_BIND | MS_REC)
-    _mount(libc, None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    # in a user namespace the source mount's noexec and atime flags are locked: a remount that
+    # dropped them would fail with EPERM, so they are carried over
+    kept = os.statvfs(path).f_flag
+    extra = sum(ms for st, ms in _KEEP if kept & st)
+    _mount(libc, None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | extra)
 
 
 def _covered(path: str, bound: list[str]) -> bool:
@@ -143,6 +155,22 @@ def _tasks_of_uid(uid: int) -> int:
     return total
 
 
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def drop_capabilities(libc) -> None:
+    """Empty effective, permitted and inheritable sets (the user namespace's set-up capabilities).
+    With a non-zero uid and no_new_privs, no exec can bring them back."""
+    if libc.capset(ctypes.byref(_CapHeader(0x20080522, 0)), (_CapData * 2)()) != 0:  # _LINUX_CAPABILITY_VERSION_3
+        e = ctypes.get_errno()
+        raise OSError(e, f"capset: {os.strerror(e)}")
+
+
 def drop_privileges(req: dict, libc, supervisor: int, ns: bool) -> str:
     if os.geteuid() == 0:
         uid = int(req["uid"])
@@ -150,6 +178,10 @@ def drop_privileges(req: dict, libc, supervisor: int, ns: bool) -> str:
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
         note = f"; uid {uid}; rlimits (cpu, address space, processes, file size, files)"
+    elif ns:
+        drop_capabilities(libc)
+        note = (f"; user namespace, uid {os.getuid()} (this user's), no capabilities; rlimits (cpu, address space, "
+                "processes, file size, files)")
     else:
         note = (f"; uid {os.getuid()} unchanged (not root: the program can signal this user's processes; "
                 "process limit = this user's tasks + budget); rlimits")

@@ -257,6 +257,11 @@ def run_tests(req: dict, res_fd: int, builtins_ns: dict) -> None:
 
 
 def child_main(req: dict, ns: bool, ready_fd: int, supervisor: int, libc) -> None:
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG for the set-up too (the uid change clears it)
+    if ns:
+        # a process group of its own: in a user namespace the program has the supervisor's uid, and
+        # kill(0, SIGKILL) would otherwise reach the supervisor, which sits outside the pid namespace
+        os.setsid()
     res_fd = os.dup(1)
     while res_fd < 100:  # out of the way of the fds a program expects (0-2) and of its first files
         res_fd = os.dup2(res_fd, res_fd + 100)
