@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
-import types
+from pathlib import Path
 
 import pytest
 
@@ -97,8 +97,9 @@ def test_interpreter_under_tmp_is_bound_inside_the_sandboxes_tmp(monkeypatch, fr
 
 
 def _cfg(isolation: str, abilities=("math", "code")):
-    return types.SimpleNamespace(rewards=types.SimpleNamespace(code_isolation=isolation),
-                                 data=types.SimpleNamespace(abilities=list(abilities)))
+    from async_or1.config import load_config
+
+    return load_config(None, [f"rewards.code_isolation={isolation}", f"data.abilities={json.dumps(list(abilities))}"])
 
 
 def _rows(tmp_path, abilities: list[str]) -> str:
@@ -139,13 +140,28 @@ def test_cli_probe_prints_the_self_check():
         assert out["host_file_visible"] is True  # plain mode: the host file is readable by the probe
 
 
+PATCHED = ("import sys\nfrom async_or1.rewards import sandbox\nreal = sandbox._ro_paths\n"
+           "sandbox._ro_paths = lambda: real() + ['/tmp']\nfrom async_or1.cli import main\n")
+
+
+@needs_root
+def test_async_or1_train_refuses_before_anything_starts(tmp_path):
+    rows = tmp_path / "code.jsonl"
+    rows.write_text(json.dumps({"data_source": "t", "prompt": [{"role": "user", "content": "Echo."}],
+                                "ability": "code", "reward_model": {"ground_truth": json.dumps(ADD)}}) + "\n")
+    argv = ["train", "--config", "configs/cpu-tiny.yaml", f"data.train_files=[{rows}]", f"output_dir={tmp_path}",
+            "name=refused"]
+    p = subprocess.run([sys.executable, "-c", PATCHED + f"sys.exit(main({argv!r}))"], capture_output=True, text=True,
+                       timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode != 0 and "refusing to start: the data holds code rows" in p.stderr, p.stderr[-2000:]
+    assert not (tmp_path / "refused" / "logs").exists() and not list((tmp_path / "refused").glob("eval_*"))
+
+
 @needs_root
 def test_cli_code_refuses_to_score_without_the_isolation_asked_for(tmp_path):
     rows = tmp_path / "c.jsonl"
     rows.write_text(json.dumps({"id": 1, "response": GOOD, "tests": ADD}) + "\n")
-    code = ("import sys\nfrom async_or1.rewards import sandbox\nreal = sandbox._ro_paths\n"
-            "sandbox._ro_paths = lambda: real() + ['/tmp']\nfrom async_or1.cli import main\n"
-            f"sys.exit(main(['reward', 'code', '--jsonl', {str(rows)!r}]))")
+    code = PATCHED + f"sys.exit(main(['reward', 'code', '--jsonl', {str(rows)!r}]))"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stdout == "", p
     assert "asked for namespaces isolation" in p.stderr and "would cover the sandbox's own /tmp" in p.stderr
