@@ -217,13 +217,13 @@ out = {}
 try:
     with open(req["file"]) as f:
         out["file"] = f.read()
-except OSError as e:
+except OSError:
     out["file"] = None
 try:
     import socket
     socket.create_connection(("127.0.0.1", req["port"]), timeout=2).close()
     out["net"] = True
-except ImportError as e:
+except ImportError:
     out["net"] = None
 except OSError:
     out["net"] = False

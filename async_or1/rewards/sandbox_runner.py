@@ -4,6 +4,11 @@ The child never receives expected outputs: it gets the code, the stdin texts / c
 assert expressions, and reports what the program did (stdout text, or the returned value as plain
 JSON) in one record per test. Comparison happens in the parent. Record kinds on the results fd:
 ``ready`` (with the isolation applied), ``setup`` (module-level failure), ``test``, ``done``.
+
+The solution runs as a module of its own (registered in ``sys.modules``) whose ``__builtins__`` are
+Python's plus the prelude's names. Its namespace therefore holds exactly what the solution binds,
+and only those names may be tested: a prelude function (``operator.add`` for ``fn_name: add``)
+never stands in for a missing solution.
 """
 
 from __future__ import annotations
