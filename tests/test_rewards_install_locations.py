@@ -7,7 +7,8 @@ Each interpreter runs ``CHECK`` in a fresh process: the self-check must report n
 with nothing leaking, correct programs that import ``fractions`` and ``dataclasses`` (stdin, call
 and assert layouts) must pass, so must a program that signals its parent, its process group and
 every process before printing (the harness survives it), and hostile ones (reading a host file,
-connecting to a host port, writing outside, an empty program named like a prelude function) must fail.
+connecting to a host port, writing outside, an empty program named like a prelude function) must fail;
+a fork bomb stops below 64 processes.
 """
 
 from __future__ import annotations
@@ -56,7 +57,12 @@ bad = {
     "writes_outside": run("open(%r, 'w').write('x')\nprint('ok')" % outside, {"inputs": [""], "outputs": ["ok"]}),
     "empty_add": run("pass", {"fn_name": "add", "inputs": [[1, 2]], "outputs": [3]}),
 }
+from async_or1.rewards.sandbox import execute
+FORKS = ("import os, time\nn = 0\nwhile True:\n    try:\n        pid = os.fork()\n    except OSError:\n        break\n"
+         "    if pid == 0:\n        time.sleep(30)\n    n += 1\nprint(n)")
+forks = execute(FORKS, "stdio", [{"stdin": ""}], timeout_s=5, memory_mb=512, isolation="namespaces").tests[0]
 print(json.dumps({"prefix": sys.prefix, "summary": report.summary(), "shortfall": report.shortfall(),
+                  "forks": forks and forks.get("out"),
                   "good": {k: [v["passed"], v["reason"]] for k, v in good.items()},
                   "bad": {k: [v["passed"], v["reason"]] for k, v in bad.items()}}))
 '''
@@ -126,6 +132,7 @@ def test_sandbox_from_each_install_location(interpreters, where, tmp_path):
                                          "stdlib readable"), out["summary"]
         assert all(ok for ok, _ in out["good"].values()), out["good"]
         assert not any(ok for ok, _ in out["bad"].values()), out["bad"]
+        assert out["forks"] and 0 < int(out["forks"]) < 64, out["forks"]  # RLIMIT_NPROC bounds a fork bomb
         assert not outside.exists()
         with pytest.raises(socket.timeout):
             srv.accept()
