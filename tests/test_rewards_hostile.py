@@ -87,9 +87,9 @@ PROGRAMS = {
 }
 
 
-# Without namespaces (not root) the sandbox has no file-system or network isolation and keeps this
-# user's uid (kill(-1) would end this test run): the programs that test those are not run there,
-# and the results must say loudly that the isolation is missing.
+# Where namespaces cannot be had (no root and no user namespaces) these run in plain mode, asked for
+# explicitly: no file-system or network isolation, and this user's uid (kill(-1) would end this test
+# run), so the programs that test those are not run there, and the results must say so loudly.
 NS = probe("namespaces").shortfall() is None
 ISOLATION = "namespaces" if NS else "plain"
 NEEDS_NS = ("searches_for_expected", "writes_outside", "kills_parent_and_group", "connects_to_local_port")
