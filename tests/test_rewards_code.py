@@ -171,3 +171,13 @@ def test_builtins_are_not_shadowed_by_the_prelude():
     r = run("n = int(input())\nprint(pow(2, n, 10**9 + 7), pow(3, n), abs(-n))",
             {"inputs": ["100\n"], "outputs": [f"{pow(2, 100, 10**9 + 7)} {3**100} 100"]})
     assert r["passed"], r
+
+
+def test_stdin_solution_that_prints_from_a_thread_it_started():
+    # the common way to raise the stack for deep recursion: output comes after the module returned
+    code = ("import sys, threading, time\nsys.setrecursionlimit(10**6)\nthreading.stack_size(1 << 26)\n"
+            "def depth(n):\n    return 0 if n == 0 else 1 + depth(n - 1)\n"
+            "def main():\n    a, b = map(int, input().split())\n    time.sleep(0.2)\n    print(a + b + depth(20000) - 20000)\n"
+            "threading.Thread(target=main).start()")
+    r = run(code, STDIO)
+    assert r["passed"], r

@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import types
 
@@ -118,6 +119,7 @@ def run_stdio(compiled, builtins_ns: dict, stdin_text: str, limit: int) -> dict:
     sout = _text_streams(0, 1)
     status, err = "ok", None
     _, e = solution_module(compiled, builtins_ns, "__main__")  # a fresh module per test, as a fresh process
+    _join_threads()
     if isinstance(e, SystemExit):
         if e.code not in (None, 0):
             status, err = "error", f"exit status {e.code!r}"[:_MAX_ERR]
@@ -133,6 +135,18 @@ def run_stdio(compiled, builtins_ns: dict, stdin_text: str, limit: int) -> dict:
     if len(data) > limit:
         status, err, data = "error", "output limit exceeded", data[:limit]
     return {"status": status, "err": err, "out": data.decode("utf-8", "replace")}
+
+
+def _join_threads() -> None:
+    """Wait for the program's non-daemon threads, as interpreter shutdown would: the usual way to get
+    a deeper stack, ``threading.stack_size(…); Thread(target=main).start()``, prints from that thread
+    after the module has returned. A thread that never ends runs into the wall-clock limit."""
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and not t.daemon:
+            try:
+                t.join()
+            except RuntimeError:  # not started yet
+                pass
 
 
 def _value_record(fn, limit: int) -> dict:
