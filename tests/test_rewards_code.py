@@ -181,3 +181,12 @@ def test_stdin_solution_that_prints_from_a_thread_it_started():
             "threading.Thread(target=main).start()")
     r = run(code, STDIO)
     assert r["passed"], r
+
+
+@pytest.mark.parametrize("stop", ["exit()", "quit()", "exit(0)", "import sys\nsys.exit()"])
+def test_exit_and_quit_after_printing_the_answer(stop):
+    # exit/quit come from the site module, which the sandbox's `python -S` does not load
+    r = run("a, b = map(int, input().split())\nprint(a + b)\n" + stop + "\nprint('never')", STDIO)
+    assert r["passed"], r
+    r = run("print(1)\nexit(3)", {"inputs": [""], "outputs": ["1"]})
+    assert not r["passed"] and "exit status 3" in r["reason"]

@@ -194,14 +194,20 @@ def _soft_exit(code: int = 0) -> None:
 
 
 def prelude_builtins() -> dict:
-    """Python's builtins plus the prelude's names, Python's winning where they clash.
+    """Python's builtins (with ``exit``/``quit``) plus the prelude's names, Python's winning where they clash.
 
     The prelude star-imports ``operator`` and ``math``, whose ``pow`` (2 arguments, float) and
     ``abs`` would otherwise shadow the builtins: ``pow(b, e, mod)`` must work as in plain Python."""
     ns: dict = {"__builtins__": builtins}
     exec(PRELUDE, ns)
     del ns["__builtins__"]
-    return {**ns, **builtins.__dict__}
+    # ``exit()`` / ``quit()`` come from the site module, which ``python -S`` leaves out; solutions
+    # call them after printing their answer
+    return {**ns, "exit": _exit_builtin, "quit": _exit_builtin, **builtins.__dict__}
+
+
+def _exit_builtin(code=None):
+    raise SystemExit(code)
 
 
 _PYTHON_BUILTINS = frozenset(dir(builtins))
