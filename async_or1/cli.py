@@ -147,6 +147,8 @@ def cmd_reward(args: argparse.Namespace) -> int:
     from async_or1.rewards.cli import main
 
     if args.probe:
+        if args.kind != "code":
+            raise SystemExit("async-or1 reward: --probe checks the code sandbox: use `async-or1 reward code --probe`")
         from async_or1.rewards.cli import probe_main
 
         return probe_main(args.isolation)
