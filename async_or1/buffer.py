@@ -61,9 +61,11 @@ class ReplayBuffer:
     functions of the step (the cumulative admission sums are cached)."""
 
     def __init__(self, max_staleness: int, prompts_per_step_at: Callable[[int], int],
-                 samples_per_prompt_at: Callable[[int], int] | None = None, reject_zero_advantage: bool = True) -> None:
+                 samples_per_prompt_at: Callable[[int], int] | None = None, reject_zero_advantage: bool = True,
+                 clock: Any = time) -> None:
         if max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
+        self.clock = clock                      # monotonic() for take_batch's deadline (the simulator's is virtual)
         self.max_staleness = int(max_staleness)
         self.prompts_per_step_at = prompts_per_step_at
         self.samples_per_prompt_at = samples_per_prompt_at  # indexed by the version a prompt was leased at
@@ -157,7 +159,7 @@ class ReplayBuffer:
         Groups more than η versions behind ``version`` are dropped first ("stale")."""
         if n_groups <= 0:
             raise ValueError(f"take_batch: n_groups must be positive, got {n_groups}")
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        deadline = None if timeout_s is None else self.clock.monotonic() + timeout_s
         with self._cond:
             while True:
                 if self._closed:
@@ -168,7 +170,7 @@ class ReplayBuffer:
                     self._c["trained"] += n_groups
                     self._taken_staleness += [staleness(version, oldest) for _, oldest in taken]
                     return [g for g, _ in taken]
-                remaining = None if deadline is None else deadline - time.monotonic()
+                remaining = None if deadline is None else deadline - self.clock.monotonic()
                 if remaining is not None and remaining <= 0:
                     return None
                 self._cond.wait(remaining)

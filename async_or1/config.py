@@ -206,6 +206,43 @@ class LogConfig:
 
 
 @dataclass
+class SimConfig:
+    """``async-or1 simulate``: cost models of the GPU run this config describes (see async_or1/sim/).
+    Values marked fitted come from ``python bench/sim_calibrate.py --fit`` (README, Simulator)."""
+
+    model: str = _f("auto", "Model shape: r1-distill-qwen-1.5b | r1-distill-qwen-7b | r1-distill-qwen-32b | "
+                            "qwen2.5-math-7b; 'auto' reads the size from model.path.")
+    hardware: str = _f("h800", "GPU preset with published figures: h800, h100, h200, h20, a100.")
+    hardware_overrides: dict = _f({}, "Override preset fields, e.g. {hbm_GBps: 3000, ib_GBps: 25, bf16_TFLOPS: 900}.")
+    gpus_per_node: int = _f(8, "GPUs per node: collectives inside a node use NVLink, across nodes InfiniBand.")
+    length_median_tokens: list = _f([4877.0], "Median length of a right response, before the cut at "
+                                              "max_response_tokens: one value for every stage or one per stage "
+                                              "(fitted: R1-distill-7B at 16K).")
+    length_sigma: float = _f(1.25, "Log-normal shape σ of response lengths (fitted, weakly: see the README).")
+    wrong_length_ratio: float = _f(1.5, "A wrong response's median length over a right one's (wrong answers ramble "
+                                        "longer; an assumption, not fitted).")
+    decode_overhead_s: float = _f(0.00359, "Fixed seconds per decode step on top of the roofline: scheduler, sampling, "
+                                         "launches (fitted to the paper's Table 9).")
+    hbm_efficiency: float = _f(0.8, "Share of the HBM bandwidth a decode step's weight reads achieve (assumption).")
+    kv_efficiency: float = _f(0.175, "Share of the HBM bandwidth the decode attention kernel achieves reading the KV "
+                                   "cache (fitted to Table 9, i.e. vLLM 0.6.3 with the XFORMERS backend; FlashInfer "
+                                   "in SGLang is likely faster).")
+    flops_efficiency: float = _f(0.5, "Share of the bf16 peak that decode and prefill matmuls achieve (assumption).")
+    learner_mfu: float = _f(0.484, "Model-FLOPs utilisation of a training step (fitted to the paper's Table 8).")
+    max_running_requests: int = _f(0, "Sequences an engine decodes at once at most; 0: only its KV cache limits it "
+                                      "(SGLang's default).")
+    weight_update_recompute_kv: bool = _f(True, "After a weight update every running request re-prefills its "
+                                                "context (the SGLang adapter pauses with 'retract' and flushes the "
+                                                "cache); false keeps the KV ('in_place').")
+    bucket_latency_s: float = _f(0.001, "Fixed cost per bucket of a weight broadcast.")
+    num_problems: int = _f(20000, "Synthetic problems drawn before the offline difficulty filter.")
+    prompt_median_tokens: float = _f(200.0, "Median prompt length after the chat template.")
+    solved_none_all: list = _f([], "Shares of problems the base model solves 0/16 and 16/16 (before the offline "
+                                   "filter), which set the zero-advantage rate. Empty: the paper's table 6.2 for "
+                                   "the model.")
+
+
+@dataclass
 class Config:
     name: str = _f("run", "Run name; outputs go to <output_dir>/<name>/.")
     output_dir: str = _f("runs", "Parent directory of run outputs.")
@@ -223,6 +260,7 @@ class Config:
     transport: TransportConfig = _f(TransportConfig(), "ZeroMQ wire and weight-broadcast rendezvous.")
     eval: EvalConfig = _f(EvalConfig(), "Held-out evaluation during training.")
     log: LogConfig = _f(LogConfig(), "Logging.")
+    sim: SimConfig = _f(SimConfig(), "The GPU-scale simulator (async-or1 simulate).")
 
     # ---- derived views -------------------------------------------------
     @property

@@ -35,8 +35,9 @@ def uid_of_prompt_id(pid: str) -> str:
 class Controller:
     def __init__(self, *, endpoint: Any, buffer: Any, source: Any, encode_prompt: Callable[[Any], list],
                  stage_at: Callable[[int], tuple], num_generators: int, prompts_per_step_at: Callable[[int], int],
-                 generator_timeout_s: float = 60.0) -> None:
+                 generator_timeout_s: float = 60.0, clock: Any = time) -> None:
         self.endpoint, self.buffer, self.source = endpoint, buffer, source
+        self.clock = clock                    # monotonic() and sleep(); the simulator passes a virtual clock
         self.encode_prompt = encode_prompt
         self.stage_at = stage_at
         self.num_generators = num_generators
@@ -94,13 +95,13 @@ class Controller:
             return {g: dict(v) for g, v in self.gens.items() if v.get("alive", True)}
 
     def wait_for_generators(self, timeout_s: float) -> dict[int, dict]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        deadline = self.clock.monotonic() + timeout_s
+        while self.clock.monotonic() < deadline:
             self._check()
             alive = self.alive_generators()
             if len(alive) >= self.num_generators:
                 return alive
-            time.sleep(0.05)
+            self.clock.sleep(0.05)
         raise TimeoutError(f"only {len(self.alive_generators())} of {self.num_generators} generators connected "
                            f"within {timeout_s:.0f} s")
 
@@ -143,16 +144,21 @@ class Controller:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                got = self.endpoint.recv(0.01)
-                while got is not None:
-                    self._dispatch(*got)
-                    got = self.endpoint.recv(0.0)
-                self._drain_outbox()
-                self._grant_leases()
-                self._reap_silent()
+                self.poll(0.01)
         except BaseException as e:  # surfaced to the training thread by _check
             log.exception("rollout controller crashed")
             self.error = e
+
+    def poll(self, timeout_s: float = 0.0) -> None:
+        """One pass of the controller loop: every waiting message, the outbox, leases, liveness.
+        The thread calls it in a loop; the simulator calls it from its event loop, thread-free."""
+        got = self.endpoint.recv(timeout_s)
+        while got is not None:
+            self._dispatch(*got)
+            got = self.endpoint.recv(0.0)
+        self._drain_outbox()
+        self._grant_leases()
+        self._reap_silent()
 
     def _drain_outbox(self) -> None:
         while True:
@@ -186,7 +192,7 @@ class Controller:
     def _seen(self, gid: int, peer: str, msg: Any) -> None:
         from async_or1.transport import messages as m
 
-        now = time.monotonic()
+        now = self.clock.monotonic()
         with self.lock:
             g = self.gens.setdefault(gid, {"peer": peer, "incarnation": None, "idle_s": 0.0, "wall_s": 0.0})
             g["last_seen"], g["peer"] = now, peer
@@ -211,7 +217,7 @@ class Controller:
             g["alive"] = True
 
     def _reap_silent(self) -> None:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         with self.lock:
             for gid, g in self.gens.items():
                 if g.get("alive", True) and now - g["last_seen"] > self.generator_timeout_s:

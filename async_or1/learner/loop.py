@@ -26,36 +26,46 @@ class RolloutSide:
     """Rank 0's buffer + prompt source + controller thread, built from the launch spec."""
 
     def __init__(self, cfg: Any, spec: dict, tokenizer: Any, resume_state: dict | None, endpoint: Any) -> None:
-        from async_or1.buffer import ReplayBuffer
         from async_or1.data.rows import load_problems
-        from async_or1.data.source import PromptSource
         from async_or1.data.template import encode_prompt
-        from async_or1.learner.controller import Controller
-
-        total = cfg.total_steps
-
-        def pps(step: int) -> int:
-            return cfg.stage_at(step)[1].prompts_per_step if step < total else 0
 
         problems, counts = load_problems(spec["train_files"], on_bad_row=cfg.data.on_bad_row,
                                          abilities=tuple(cfg.data.abilities))
-        if cfg.data.difficulty_model:
-            from async_or1.data.filter import filter_by_difficulty
-
-            problems, dcounts = filter_by_difficulty(problems, cfg.data.difficulty_model, cfg.data.difficulty_n)
-            counts = {**counts, **{f"difficulty_{k}": v for k, v in dcounts.items()}}
-        log.info("training problems: %d (%s)", len(problems), counts)
-        self.source = PromptSource(problems, cfg.stages, seed=cfg.seed, shuffle=cfg.data.shuffle,
-                                   online_filter=cfg.data.online_filter)
-        self.buffer = ReplayBuffer(cfg.max_staleness, pps, reject_zero_advantage=cfg.algo.reject_zero_advantage)
-        if resume_state:
-            self.source.load_state_dict(resume_state["source"])
-            self.buffer.load_state_dict(resume_state["buffer"])
         self.endpoint = endpoint
-        self.controller = Controller(endpoint=endpoint, buffer=self.buffer, source=self.source,
-                                     encode_prompt=lambda pr: encode_prompt(tokenizer, pr.prompt),
-                                     stage_at=cfg.stage_at, num_generators=cfg.generation.num_generators,
-                                     prompts_per_step_at=pps, generator_timeout_s=cfg.transport.generator_timeout_s)
+        self.source, self.buffer, self.controller = rollout_side_parts(
+            cfg, problems, lambda pr: encode_prompt(tokenizer, pr.prompt), endpoint, resume_state, load_counts=counts)
+
+
+def rollout_side_parts(cfg: Any, problems: list, encode_prompt: Any, endpoint: Any, resume_state: dict | None = None,
+                       clock: Any = time, load_counts: dict | None = None) -> tuple[Any, Any, Any]:
+    """(prompt source, replay buffer, controller) of learner rank 0 over loaded problems, after the
+    offline difficulty filter. The simulator builds its control side with this too."""
+    from async_or1.buffer import ReplayBuffer
+    from async_or1.data.source import PromptSource
+    from async_or1.learner.controller import Controller
+
+    total = cfg.total_steps
+
+    def pps(step: int) -> int:
+        return cfg.stage_at(step)[1].prompts_per_step if step < total else 0
+
+    counts = dict(load_counts or {})
+    if cfg.data.difficulty_model:
+        from async_or1.data.filter import filter_by_difficulty
+
+        problems, dcounts = filter_by_difficulty(problems, cfg.data.difficulty_model, cfg.data.difficulty_n)
+        counts = {**counts, **{f"difficulty_{k}": v for k, v in dcounts.items()}}
+    log.info("training problems: %d (%s)", len(problems), counts)
+    source = PromptSource(problems, cfg.stages, seed=cfg.seed, shuffle=cfg.data.shuffle,
+                          online_filter=cfg.data.online_filter)
+    buffer = ReplayBuffer(cfg.max_staleness, pps, reject_zero_advantage=cfg.algo.reject_zero_advantage, clock=clock)
+    if resume_state:
+        source.load_state_dict(resume_state["source"])
+        buffer.load_state_dict(resume_state["buffer"])
+    controller = Controller(endpoint=endpoint, buffer=buffer, source=source, encode_prompt=encode_prompt,
+                            stage_at=cfg.stage_at, num_generators=cfg.generation.num_generators,
+                            prompts_per_step_at=pps, generator_timeout_s=cfg.transport.generator_timeout_s, clock=clock)
+    return source, buffer, controller
 
 
 def _zmq_endpoint(cfg: Any, spec: dict) -> Any:
