@@ -92,6 +92,25 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     t.add_argument("overrides", nargs="*", help="dotted config overrides applied to every run")
 
 
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="plan a GPU run: the real controller on a virtual clock with cost models",
+                       description="Discrete-event simulation of the run a config describes: the real controller, "
+                                   "replay buffer and prompt source over the in-process transport, engines and "
+                                   "learner as calibrated cost models (sim.* in `async-or1 config`). Reports "
+                                   "throughput, idle time, staleness and length bias per budget, mode, η and split.")
+    p.add_argument("--config", "-c", required=True, help="YAML config (e.g. configs/r1-distill-32b.yaml)")
+    p.add_argument("--gpus", default=None, help="comma list of GPU budgets (default: the config's GPUs)")
+    p.add_argument("--modes", default="on-policy,async", help="comma list of on-policy, async")
+    p.add_argument("--max-staleness", default="1,2,4", help="comma list of η values for the async mode")
+    p.add_argument("--split", default="config", help="generator:learner GPU ratio G:L, 'auto' (search per budget, "
+                                                     "mode and η) or 'config' (the config's own ratio)")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps simulated (the schedule's first N)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/simulate-<config name>.json; "
+                                              "a PNG is written beside it)")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. sim.hardware=h200")
+
+
 def _add_embedded(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embedded", help="build (or rebuild) the embedded tiny model and task")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
@@ -103,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="async-or1",
         description="Asynchronous actor-learner RL for long chain-of-thought reasoning (Skywork-OR1 MAGIC).")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for add in (_add_train, _add_config, _add_reward, _add_data, _add_eval, _add_plot, _add_bench, _add_embedded):
+    for add in (_add_train, _add_config, _add_reward, _add_data, _add_eval, _add_plot, _add_bench, _add_simulate,
+                _add_embedded):
         add(sub)
     return parser
 
@@ -188,6 +208,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 reward_threshold=args.reward_threshold)
 
 
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"async-or1 simulate: {what}: expected a comma list of integers, got {text!r}") from None
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from async_or1.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    modes = [x.strip() for x in args.modes.split(",") if x.strip()]
+    bad = sorted(set(modes) - {"on-policy", "async"})
+    if bad or not modes:
+        raise SystemExit(f"async-or1 simulate: --modes: unknown {bad or modes} (use on-policy, async)")
+    etas = _int_list(args.max_staleness, "--max-staleness")
+    out = Path(args.out or f"bench/results/simulate-{cfg.name}.json")
+    from async_or1.sim.driver import SimError, resolve_model
+    from async_or1.sim.plan import config_split, study, summary_line
+
+    try:
+        mdl = resolve_model(cfg)
+        gpus = _int_list(args.gpus, "--gpus") if args.gpus else [sum(config_split(cfg, mdl.tp))]
+        res = study(cfg, gpus=gpus, modes=modes, etas=etas, split=args.split, steps=args.steps, seed=args.seed,
+                    out=out)
+    except (ValueError, SimError) as e:
+        print(f"async-or1 simulate: {e}", file=sys.stderr)
+        return 2
+    print(summary_line(res, out))
+    return 0
+
+
 def cmd_embedded(args: argparse.Namespace) -> int:
     from async_or1.embedded import ensure_embedded
 
@@ -197,7 +251,7 @@ def cmd_embedded(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "config": cmd_config, "reward": cmd_reward, "data": cmd_data, "eval": cmd_eval,
-            "plot": cmd_plot, "bench": cmd_bench, "embedded": cmd_embedded}
+            "plot": cmd_plot, "bench": cmd_bench, "simulate": cmd_simulate, "embedded": cmd_embedded}
 
 
 def main(argv: list[str] | None = None) -> int:

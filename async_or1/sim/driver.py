@@ -25,7 +25,7 @@ from async_or1.sim.clock import Events, VirtualClock
 from async_or1.sim.engine import SimEngine
 from async_or1.sim.generator import SimGenerator
 from async_or1.sim.learner import SimLearner
-from async_or1.sim.workload import fit_solve_rate_beta, make_problems
+from async_or1.sim.workload import fit_solve_rate_beta, make_problems, sample_group
 from async_or1.transport import messages as m
 from async_or1.transport.base import peer_name
 
@@ -152,7 +152,9 @@ class _Tap:
 
 
 class Simulation:
-    def __init__(self, cfg: Any, setup: Setup, model: Model | None = None) -> None:
+    def __init__(self, cfg: Any, setup: Setup, model: Model | None = None, sample: Any = None) -> None:
+        """``sample(rng, prompt) -> (lengths, rewards)`` draws a prompt's group; by default the
+        workload model (``workload.sample_group`` with the stage's length parameters)."""
         from async_or1.learner.loop import rollout_side_parts
         from async_or1.transport.inproc import InprocHub
 
@@ -184,6 +186,7 @@ class Simulation:
             raise SimError(f"learner: {state / 1e9:.0f} GB of model states per rank (ZeRO-{cfg.learner.zero_stage}, "
                            f"{setup.learner_gpus} ranks) do not fit {mdl.hw.name} ({mdl.hw.hbm_GB:.0f} GB): give the "
                            f"learner more GPUs")
+        self.sample = sample or self._sample
         self.groups: dict[str, dict] = {}
         self.gens = [self._make_generator(g) for g in range(cfg.generation.num_generators)]
         self.by_peer = {peer_name(g.gid): g for g in self.gens}
@@ -207,10 +210,16 @@ class Simulation:
 
         return SimGenerator(generator_id=gid, endpoint=self.hub.generator(gid), make_engine=make_engine,
                             rng=np.random.default_rng([self.setup.seed, gid]),
-                            lengths_at=lambda stage: (mdl.medians[stage], mdl.sigma, mdl.wrong_length_ratio),
+                            sample=self.sample,
                             prompts_per_lease=cfg.generation.prompts_per_lease,
                             in_flight=cfg.generation.weight_update == "in_flight", clock=self.clock,
                             on_send=self._mark, on_weights_ready=self._weights_ready, record_group=self._record)
+
+    def _sample(self, rng: Any, prompt: Any) -> tuple:
+        mdl = self.model
+        return sample_group(rng, prompt.ground_truth["solve_rate"], prompt.samples_per_prompt,
+                            median=mdl.medians[prompt.stage], sigma=mdl.sigma,
+                            wrong_length_ratio=mdl.wrong_length_ratio, max_tokens=prompt.max_response_tokens)
 
     # ---- hooks -------------------------------------------------------------------------------
     def _mark(self) -> None:

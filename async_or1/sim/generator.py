@@ -5,7 +5,8 @@ follows the worker's streaming policy: one LeaseRequest out at a time, asked whi
 ``prompts_per_lease`` prompts are open; a granted lease starts once the loaded weights reach its
 ``min_version``; each group is sent when its G-th response ends; on Shutdown every unsent prompt
 goes back in a ReturnLease. Scoring is the workload's draw (``workload.sample_group``), made when
-the prompt starts; verifier time is not modelled (math-verify takes milliseconds a response).
+the prompt starts (``sample``); verifier time is not modelled (math-verify takes milliseconds a
+response).
 """
 
 from __future__ import annotations
@@ -13,19 +14,19 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from async_or1.sim.engine import Seq, SimEngine
-from async_or1.sim.workload import Runs, sample_group
+from async_or1.sim.workload import Runs
 from async_or1.transport import messages as m
 
 
 class SimGenerator:
     def __init__(self, *, generator_id: int, endpoint: Any, make_engine: Callable[..., SimEngine], rng: Any,
-                 lengths_at: Callable[[int], tuple[float, float, float]], prompts_per_lease: int, in_flight: bool,
+                 sample: Callable[[Any, Any], tuple], prompts_per_lease: int, in_flight: bool,
                  clock: Any, on_send: Callable[[], None], on_weights_ready: Callable[[int], None],
                  record_group: Callable[[Any, int], None]) -> None:
         self.gid = generator_id
         self.endpoint = endpoint
         self.rng = rng
-        self.lengths_at = lengths_at          # stage -> (median, sigma, wrong_length_ratio)
+        self.sample = sample                  # (rng, Prompt) -> (response lengths, rewards) of its group
         self.prompts_per_lease = prompts_per_lease
         self.in_flight = in_flight
         self.clock = clock
@@ -95,10 +96,7 @@ class SimGenerator:
     def _start(self, lease: Any) -> None:
         seqs = []
         for p in lease.prompts:
-            median, sigma, wrong_ratio = self.lengths_at(p.stage)
-            lengths, rewards = sample_group(self.rng, p.ground_truth["solve_rate"], p.samples_per_prompt,
-                                            median=median, sigma=sigma, wrong_length_ratio=wrong_ratio,
-                                            max_tokens=p.max_response_tokens)
+            lengths, rewards = self.sample(self.rng, p)
             group = [Seq(key=(p.prompt_id, i), prompt_key=p.prompt_id, prompt_len=len(p.token_ids),
                          length=int(n), submit_version=self.engine.version) for i, n in enumerate(lengths)]
             self._open[p.prompt_id] = {"lease": lease, "prompt": p, "seqs": group, "left": len(group),
