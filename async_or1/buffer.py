@@ -85,10 +85,17 @@ class ReplayBuffer:
 
     # ---- admission ---------------------------------------------------------------------
     def _limit(self, version: int) -> int:
-        k = version + self.max_staleness + 1
-        while len(self._cumsum) <= k:
+        return self._before(version + self.max_staleness + 1)
+
+    def _before(self, step: int) -> int:
+        while len(self._cumsum) <= step:
             self._cumsum.append(self._cumsum[-1] + int(self.prompts_per_step_at(len(self._cumsum) - 1)))
-        return self._cumsum[k]
+        return self._cumsum[step]
+
+    def prompts_before(self, step: int) -> int:
+        """Σ_{s<step} prompts_per_step_at(s): how many groups the steps before ``step`` train."""
+        with self._cond:
+            return self._before(step)
 
     def admission_room(self, version: int) -> int:
         """How many more prompts may be leased now (>= 0)."""

@@ -301,16 +301,25 @@ class Controller:
                                             ground_truth=pr.ground_truth, stage=stage_idx,
                                             samples_per_prompt=stage.samples_per_prompt,
                                             max_response_tokens=stage.max_response_tokens))
+                # The prompts queue behind every group accepted or running (FIFO), so they are
+                # trained at the step whose share of the batches holds their positions, or earlier
+                # if groups ahead are rejected: weights older than that step − η would make them
+                # stale on arrival. Aiming at `version` instead let a lease granted while a full
+                # batch waits start on weights it is dropped for a step later (η = 1 with equal
+                # generation and training time lost half its batches; tests/test_sim.py). Room
+                # opens when the learner bumps its version, before that version's broadcast is out:
+                # without the broadcast term an on-policy lease granted in that gap would start on
+                # the previous weights. The need is at most `version` (admission keeps positions
+                # below Σ_{s <= version+η} batch sizes), so the broadcast in progress meets it.
+                eta = self.buffer.max_staleness
+                ahead = self.buffer.prompts_before(self.version + eta + 1) - room   # accepted + running
+                step = self.version
+                while self.buffer.prompts_before(step + 1) < ahead + len(prompts):
+                    step += 1
                 self.buffer.on_leased([p.prompt_id for p in prompts], self.version)
                 self.leases[lease_id] = {"generator_id": req.generator_id,
                                          "prompt_ids": {p.prompt_id for p in prompts}}
-                # The earliest step these prompts can be trained at is `version`, so weights older
-                # than version − η would make them stale on arrival. Room opens when the learner
-                # bumps its version, before that version's broadcast is out: without the second
-                # term an on-policy lease granted in that gap would start on the previous weights.
-                # Always satisfiable: η >= broadcast_every_steps − 1 (config), so version − η is at
-                # most the broadcast in progress.
-                need = max(self.broadcast_version, self.version - self.buffer.max_staleness)
+                need = max(self.broadcast_version, step - eta)
                 self.endpoint.send(peer, m.PromptLease(lease_id=lease_id, prompts=prompts, min_version=need))
                 self._lease_sizes.append(len(prompts))
                 del self.pending[peer]
