@@ -193,3 +193,128 @@ def test_async_with_equal_generation_and_training_time_approaches_the_bound(eta)
     assert bound == pytest.approx(2.0, rel=0.02)
     assert speedup >= 0.95 * bound, (speedup, runs["async"]["dropped_stale"])
     assert runs["async"]["dropped_stale"] == 0
+
+
+def test_ledger_balances_with_rejections_and_stale_drops():
+    """The realistic workload (zero-advantage groups, long tails) at η = 1: every leased prompt is
+    trained or dropped with a reason (nothing in flight after the shutdown), and every group a
+    generator sent reached the buffer."""
+    cfg = _cfg(8, 32, 8, 8192)
+    sim = Simulation(cfg, Setup("async", 1, 4, 1, 8))
+    res = sim.run()
+    a = res["accounting"]
+    assert a["leased"] == a["trained"] + sum(a["dropped"].values()) + a["returned"] + a["queued"] + a["in_flight"]
+    assert a["in_flight"] == 0                                     # shutdown returned every unsent prompt
+    assert a["trained"] == 8 * 32
+    assert a["dropped"]["zero_advantage"] > 0 and a["dropped"]["stale"] > 0     # long tails land a step late
+    assert a["received"] == sum(g.groups_sent for g in sim.gens) == len(sim.groups)
+    assert a["unleased_groups"] == 0
+    lb = res["length_bias"]
+    assert lb["generated"]["responses"] == 8 * len(sim.groups)
+    assert lb["trained"]["responses"] == 8 * a["trained"]
+
+
+def test_stage_boundary_changes_lengths_at_the_step_the_stage_begins():
+    """Two stages (cap 1000 then 3000 tokens, 4 then 8 samples): on-policy, every batch before the
+    boundary is all stage 0 and every batch from it on all stage 1, with that stage's cap and
+    group size; in async the stage follows the version a prompt was leased at."""
+    cfg = load_config(None, ["sim.model=r1-distill-qwen-1.5b", "generation.engine=sglang", "sim.flops_efficiency=1e9",
+                             "data.difficulty_model=", "sim.num_problems=400", "learner.zero_stage=0",
+                             "sim.prompt_median_tokens=100", "data.max_prompt_tokens=100",
+                             "schedule=[{steps: 3, max_response_tokens: 1000, prompts_per_step: 4, samples_per_prompt: 4},"
+                             " {steps: 3, max_response_tokens: 3000, prompts_per_step: 4, samples_per_prompt: 8}]"])
+    for mode, eta in (("on-policy", 0), ("async", 2)):
+        sim = Simulation(cfg, Setup(mode, eta, 2, 1, 6), sample=_fixed(length=5000))  # every response hits the cap
+        sim.run()
+        for step, groups in sim.learner.trained:
+            for g in groups:
+                cap, size = (1000, 4) if g.stage == 0 else (3000, 8)
+                assert [len(s.tokens) for s in g.samples] == [cap] * size
+            if mode == "on-policy":
+                assert {g.stage for g in groups} == {0 if step < 3 else 1}, step
+        first = min(step for step, groups in sim.learner.trained if any(g.stage == 1 for g in groups))
+        # async: a prompt's stage is the one of the version it was leased at, so the new stage's
+        # lengths are never trained before the stage begins (they arrive up to η steps later)
+        assert first == 3 if mode == "on-policy" else 3 <= first <= 3 + eta
+
+
+def test_runs_stand_in_gets_the_same_verdicts_as_numpy_arrays():
+    """The buffer reads a sample's arrays through len(), .min() and iteration-free checks: Runs
+    (what the simulator sends) must get exactly the verdicts, staleness and ledger of the
+    equivalent numpy arrays."""
+    def group(pid, versions_runs, rewards, n_logprobs=None, kind="runs"):
+        samples = []
+        for (values, counts), r in zip(versions_runs, rewards):
+            n = sum(counts)
+            if kind == "runs":
+                tok, lp, ver = Runs((0,), (n,)) if n else Runs((), ()), Runs((0,), (n_logprobs or n,)), Runs(values, counts)
+            else:
+                tok, lp, ver = (np.zeros(n, np.int32), np.zeros(n_logprobs or n, np.float32),
+                                np.repeat(np.asarray(values, np.int32), counts))
+            samples.append(m.Sample(tokens=tok, logprobs=lp, versions=ver, finish_reason="stop", reward=r))
+        return m.RolloutGroup(lease_id=1, prompt_id=pid, stage=0, generator_id=0, prompt_tokens=np.ones(3, np.int32),
+                              samples=samples)
+
+    cases = [("a", [((0, 1), (5, 7)), ((1,), (3,))], [1.0, 0.0], None),   # spans versions 0-1
+             ("b", [((2,), (4,)), ((2,), (4,))], [1.0, 1.0], None),         # zero advantage
+             ("c", [((1,), (4,)), ((1,), (4,))], [0.0, 1.0], 3),            # logprobs length mismatch: malformed
+             ("d", [((0,), (2,)), ((3,), (2,))], [0.0, 1.0], None),         # oldest 0: stale at version 2
+             ("e", [((), ()), ((), ())], [0.0, 1.0], None),                 # every response empty: malformed
+             ("f", [((2,), (6,)), ((1, 2), (1, 1))], [1.0, 0.0], None)]
+    outs = []
+    for kind in ("runs", "numpy"):
+        buf = ReplayBuffer(1, lambda s: 2)
+        buf.on_leased([c[0] for c in cases], 0)
+        verdicts = [buf.add_group(group(pid, vr, rw, nl, kind)) for pid, vr, rw, nl in cases]
+        first = [g.prompt_id for g in buf.take_batch(1, 2, timeout_s=0.0)]
+        metrics = buf.step_metrics(1)
+        later = buf.take_batch(3, 1, timeout_s=0.0)      # f's oldest token is version 1: stale at 3
+        outs.append((verdicts, first, metrics, later, buf.accounting()))
+    assert outs[0] == outs[1]
+    assert outs[0][0] == ["accepted", "zero_advantage", "malformed", "accepted", "malformed", "accepted"]
+    assert outs[0][1] == ["a", "d"] and outs[0][3] is None and outs[0][4]["dropped"]["stale"] == 1
+    assert np.asarray(Runs((0, 1), (2, 3))).tolist() == [0, 0, 1, 1, 1]
+
+
+def test_the_control_code_runs_on_the_virtual_clock_and_never_sleeps():
+    cfg = _cfg(4, 8, 4)
+    sim = Simulation(cfg, Setup("async", 2, 2, 1, 4))
+    t0 = time.perf_counter()
+    res = sim.run()
+    wall = time.perf_counter() - t0
+    assert sim.controller.clock is sim.clock and sim.buffer.clock is sim.clock
+    assert res["virtual_s"] > 100 * wall            # minutes of simulated GPU time in about a second
+    again = Simulation(cfg, Setup("async", 2, 2, 1, 4)).run()
+    assert [r["time_s"] for r in again["rows"]] == [r["time_s"] for r in res["rows"]]   # reproducible
+    from async_or1.learner.loop import rollout_side_parts
+
+    _, _, idle = rollout_side_parts(sim.cfg, list(sim.source.problems.values()), lambda p: [1], object(),
+                                    clock=VirtualClock())
+    with pytest.raises(RuntimeError, match="must be event-driven"):
+        idle.wait_for_generators(10.0)                # its one wait goes through the clock: no generator, no sleep
+
+
+def test_a_split_the_learner_cannot_hold_is_refused_before_running():
+    cfg = load_config("configs/r1-distill-32b.yaml", ["sim.hardware=h800"])
+    with pytest.raises(SimError, match="do not fit"):
+        Simulation(cfg, Setup("async", 1, 8, 4, 2))
+
+
+def test_cli_simulate_writes_json_png_and_one_summary_line(tmp_path):
+    out = tmp_path / "sim.json"
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "async_or1.cli", "simulate", "--config", "configs/r1-distill-7b.yaml",
+                        "--gpus", "8", "--split", "1:1", "--steps", "4", "--max-staleness", "2", "--out", str(out),
+                        "schedule.0.prompts_per_step=16", "schedule.0.samples_per_prompt=4",
+                        "schedule.0.max_response_tokens=2048", "sim.num_problems=300"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    last = p.stdout.strip().splitlines()[-1]
+    assert last.startswith("simulate r1-distill-7b (r1-distill-qwen-7b, h100): 8 GPUs: 4:4") and str(out) in last
+    doc = json.loads(out.read_text())
+    assert [r["label"] for r in doc["runs"]] == ["on-policy", "async η=2"]
+    assert doc["recommendation"][0]["gpus"] == 8 and out.with_suffix(".png").stat().st_size > 10_000
+    assert time.perf_counter() - t0 < 120
+    bad = subprocess.run([sys.executable, "-m", "async_or1.cli", "simulate", "--config", "configs/r1-distill-7b.yaml",
+                          "--split", "3-1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--split: expected auto or G:L" in bad.stderr

@@ -162,6 +162,11 @@ class Simulation:
         mdl = self.model
         self.setup = setup
         self.cfg = cfg = run_config(cfg, setup, mdl.tp)
+        state = costs.learner_state_bytes_per_rank(mdl.shape, setup.learner_gpus, cfg.learner.zero_stage)
+        if state > 0.8 * mdl.hw.hbm_GB * 1e9:
+            raise SimError(f"learner: {state / 1e9:.0f} GB of model states per rank (ZeRO-{cfg.learner.zero_stage}, "
+                           f"{setup.learner_gpus} ranks) do not fit {mdl.hw.name} ({mdl.hw.hbm_GB:.0f} GB): give the "
+                           f"learner more GPUs")
         self.clock = VirtualClock()
         self.events = Events(self.clock)
         self.dirty = False
@@ -181,11 +186,6 @@ class Simulation:
             mdl.shape, mdl.hw, learner_ranks=setup.learner_gpus, zero_stage=cfg.learner.zero_stage,
             same_node=same_node, bucket_bytes=cfg.learner.bucket_mb << 20, bucket_latency_s=cfg.sim.bucket_latency_s,
             gpus_per_node=cfg.sim.gpus_per_node)
-        state = costs.learner_state_bytes_per_rank(mdl.shape, setup.learner_gpus, cfg.learner.zero_stage)
-        if state > 0.8 * mdl.hw.hbm_GB * 1e9:
-            raise SimError(f"learner: {state / 1e9:.0f} GB of model states per rank (ZeRO-{cfg.learner.zero_stage}, "
-                           f"{setup.learner_gpus} ranks) do not fit {mdl.hw.name} ({mdl.hw.hbm_GB:.0f} GB): give the "
-                           f"learner more GPUs")
         self.sample = sample or self._sample
         self.groups: dict[str, dict] = {}
         self.gens = [self._make_generator(g) for g in range(cfg.generation.num_generators)]
@@ -281,7 +281,7 @@ class Simulation:
         while self.dirty:
             self.dirty = False
             self.controller.poll(0.0)
-            touched = list(self.tap.touched)
+            touched = sorted(self.tap.touched)      # a fixed order: runs are reproducible
             self.tap.touched.clear()
             for peer in touched:
                 self.by_peer[peer].deliver()

@@ -47,6 +47,7 @@ class Seq:
     base: int = 0             # context tokens when admitted (prompt + generated)
     runs: list = field(default_factory=list)   # [(version, tokens)] in order, per-token stamping
     finish_time: float = 0.0
+    slot: int = 0             # the engine's admission number (keys the running set; breaks ties)
 
 
 class SimEngine:
@@ -63,7 +64,8 @@ class SimEngine:
         self._versions = [(0, version)]       # (first engine step, version) in force from that step
         self.waiting: deque[Seq] = deque()
         self._running: dict[int, Seq] = {}
-        self._ends: list[tuple[int, int]] = []  # heap of (end step, id(seq))
+        self._ends: list[tuple[int, int]] = []  # heap of (end step, admission number): ties in admission order
+        self._admitted = 0
         self.step = 0                         # decode steps done by the engine, at seg_t0
         self.seg_t0 = 0.0                     # when the current segment's first step starts
         self.ctx = 0                          # Σ contexts of running sequences at self.step
@@ -244,8 +246,10 @@ class SimEngine:
                 break
             self.waiting.popleft()
             seq.join_step, seq.base = self.step, context
-            self._running[id(seq)] = seq
-            heapq.heappush(self._ends, (self.step + seq.length - seq.generated, id(seq)))
+            self._admitted += 1
+            seq.slot = self._admitted
+            self._running[seq.slot] = seq
+            heapq.heappush(self._ends, (self.step + seq.length - seq.generated, seq.slot))
             self.ctx += context
             if seq.generated:                       # retracted earlier: its whole context is recomputed
                 tokens += context
@@ -271,7 +275,7 @@ class SimEngine:
         for seq in order:
             if self.ctx + RETRACT_STEPS * len(self._running) <= self.kv_capacity or len(self._running) == 1:
                 break
-            del self._running[id(seq)]
+            del self._running[seq.slot]
             self._leave(seq)
             back.append(seq)
         self._ends = [(e, sid) for e, sid in self._ends if sid in self._running]
