@@ -318,3 +318,22 @@ def test_cli_simulate_writes_json_png_and_one_summary_line(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "async_or1.cli", "simulate", "--config", "configs/r1-distill-7b.yaml",
                           "--split", "3-1"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--split: expected auto or G:L" in bad.stderr
+
+
+def test_a_shutdown_mid_run_returns_every_unsent_prompt():
+    """The schedule stops while generators hold running and unstarted prompts (Ctrl-C in a real
+    run): each generator sends them back in ReturnLeases and the ledger closes with none in flight."""
+    cfg = _cfg(8, 16, 4, 4096)
+    sim = Simulation(cfg, Setup("async", 4, 2, 1, 8))
+
+    def stop() -> None:
+        sim.controller.finish()
+        sim._mark()
+        sim._finish()
+
+    sim.events.at(120.0, stop)
+    res = sim.run()
+    a = res["accounting"]
+    assert a["returned"] > 0 and a["in_flight"] == 0
+    assert a["leased"] == a["trained"] + sum(a["dropped"].values()) + a["returned"] + a["queued"]
+    assert sim.source.counts["reissued"] == a["returned"]          # handed back to the prompt source

@@ -32,6 +32,18 @@ from typing import Any, Callable
 log = logging.getLogger("async_or1.generator")
 
 
+def unsent_by_lease(open_prompts: dict, leases: list) -> dict[int, list[str]]:
+    """{lease_id: prompt ids} of every prompt held and not sent: the open ones (``{prompt_id:
+    {"lease": PromptLease, ...}}``) and those of granted leases not started yet."""
+    unsent: dict[int, list[str]] = {}
+    for pid, op in open_prompts.items():
+        unsent.setdefault(op["lease"].lease_id, []).append(pid)
+    for lease in leases:
+        if not lease.done:
+            unsent.setdefault(lease.lease_id, []).extend(p.prompt_id for p in lease.prompts)
+    return unsent
+
+
 class GeneratorWorker:
     """Composition of an engine, an endpoint and a reward pool; ``run()`` is the whole loop.
 
@@ -263,13 +275,7 @@ class GeneratorWorker:
         """Every prompt leased to us and not sent goes back (open ones and unstarted leases)."""
         from async_or1.transport import messages as m
 
-        unsent: dict[int, list[str]] = {}
-        for pid, op in self._open.items():
-            unsent.setdefault(op["lease"].lease_id, []).append(pid)
-        for lease in self._leases:
-            if not lease.done:
-                unsent.setdefault(lease.lease_id, []).extend(p.prompt_id for p in lease.prompts)
-        for lease_id, pids in unsent.items():
+        for lease_id, pids in unsent_by_lease(self._open, self._leases).items():
             self.endpoint.send(m.ReturnLease(generator_id=self.gid, lease_id=lease_id, prompt_ids=pids))
         self._open.clear()
         self._leases = [lease for lease in self._leases if lease.done]

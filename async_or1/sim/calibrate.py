@@ -231,12 +231,12 @@ def verl_step(cfg: Any, mdl: Model, gpus: int, *, prompts: int, group: int, max_
     return {"rollout_s": r, "update_s": u, "others_s": OTHERS_FRAC * (r + u), "step_s": (1 + OTHERS_FRAC) * (r + u)}
 
 
-def check_table7(cfg: Any, gpus: list[int] = (32, 64, 128, 256)) -> dict:
-    """32B, first 1000 steps of Table 12: 760 at 16K (256 × 16), 240 at 24K (160 × 32); rollout
-    TP 2 (the smallest that holds 65 GB of weights at 0.8 of 80 GB). The paper does not say how
-    many GPUs; every candidate is shown."""
+def check_table7(cfg: Any, gpus: list[int] = (32, 64, 128, 256), tp: int = 2) -> dict:
+    """32B, first 1000 steps of Table 12: 760 at 16K (256 × 16), 240 at 24K (160 × 32). The paper
+    says neither how many GPUs nor the rollout TP (2 is the smallest that holds 65 GB of weights
+    at 0.8 of 80 GB): the caller shows every candidate."""
     cfg = with_sim(cfg, model="r1-distill-qwen-32b", hardware="h800")
-    mdl = verl_model(cfg, 2)
+    mdl = verl_model(cfg, tp)
     out = {}
     for n in gpus:
         s1 = verl_step(cfg, mdl, n, prompts=256, group=16, max_tokens=16384)
@@ -251,23 +251,61 @@ def check_table7(cfg: Any, gpus: list[int] = (32, 64, 128, 256)) -> dict:
     return out
 
 
+def _study_cfg(cfg: Any, *, tp: int, prompts: int, group: int, max_tokens: int, steps: int) -> Any:
+    from async_or1.config import StageConfig
+
+    stage = StageConfig(steps=steps, max_response_tokens=max_tokens, prompts_per_step=prompts, samples_per_prompt=group)
+    # published runs are configured so that a batch comes, whatever it takes: no wait timeout
+    return dataclasses.replace(cfg, schedule=[stage], buffer=dataclasses.replace(cfg.buffer, wait_timeout_s=1e9),
+                               generation=dataclasses.replace(cfg.generation, engine="sglang", sglang_tp_size=tp))
+
+
+def match_workload(cfg: Any, *, gpus: int, tp: int, prompts: int, group: int, max_tokens: int, rollout_s: float,
+                   update_s: float) -> tuple[float, float]:
+    """Length (median, σ) at which the verl colocated step of this setting takes the published
+    rollout and update seconds, for models whose lengths the R1-distill fit does not describe:
+    the workload is matched to the published synchronous run and only the asynchronous side is
+    predicted. For each σ (bisection: a heavier tail lengthens the rollout) the median is set by
+    the update time (the token volume)."""
+    cfg = _study_cfg(cfg, tp=tp, prompts=prompts, group=group, max_tokens=max_tokens, steps=1)
+
+    def draw(median: float, sigma: float) -> tuple[Any, Model, list]:
+        c = with_sim(cfg, length_median_tokens=[median], length_sigma=sigma)
+        mdl = verl_model(c, tp)
+        return c, mdl, draw_batches(c, mdl, n_batches=2, prompts=prompts, group=group, max_tokens=max_tokens,
+                                    stage=0, seed=0)
+
+    def median_for(sigma: float) -> float:
+        lo, hi = 20.0, 50000.0
+        for _ in range(22):
+            mid = math.sqrt(lo * hi)
+            c, mdl, batches = draw(mid, sigma)
+            u = float(np.mean([verl_update_s(c, mdl, b, gpus, c.sim.learner_mfu) for b in batches]))
+            lo, hi = (mid, hi) if u < update_s else (lo, mid)
+        return math.sqrt(lo * hi)
+
+    lo, hi = 0.1, 2.5
+    for _ in range(12):
+        sigma = (lo + hi) / 2
+        c, mdl, batches = draw(median_for(sigma), sigma)
+        r = float(np.mean([static_rollout_s(c, mdl, b, gpus // tp) for b in batches]))
+        lo, hi = (sigma, hi) if r < rollout_s else (lo, sigma)
+    sigma = (lo + hi) / 2
+    return median_for(sigma), sigma
+
+
 def async_vs_sync(cfg: Any, *, gpus: int, gen_gpus: int, tp: int, eta: int, prompts: int, group: int,
                   max_tokens: int, steps: int = 10, seed: int = 0) -> dict:
     """Our async mode at a published split against the verl colocated on-policy step on all the
     GPUs (the synchronous baseline the published speedups use), and against our own on-policy
     mode at the same split."""
-    stage = {"steps": steps, "max_response_tokens": max_tokens, "prompts_per_step": prompts,
-             "samples_per_prompt": group}
-    from async_or1.config import StageConfig
-
-    cfg = dataclasses.replace(cfg, schedule=[StageConfig(**stage)],
-                              generation=dataclasses.replace(cfg.generation, engine="sglang", sglang_tp_size=tp))
+    cfg = _study_cfg(cfg, tp=tp, prompts=prompts, group=group, max_tokens=max_tokens, steps=steps)
     sync = verl_step(cfg, verl_model(cfg, tp), gpus, prompts=prompts, group=group, max_tokens=max_tokens)
     runs = {}
     for mode, e in (("async", eta), ("on-policy", 0)):
         r = Simulation(cfg, Setup(mode, e, gen_gpus, gpus - gen_gpus, steps, seed=seed)).run()
         runs[mode] = {k: r[k] for k in ("step_s", "tokens_per_s", "gen_idle_frac", "learner_idle_frac", "dropped_stale",
-                                        "rejected_zero_adv", "wall_s")}
+                                        "rejected_zero_adv", "phase_s_mean", "wall_s")}
     return {"sync_colocated": {k: round(v, 1) for k, v in sync.items()}, "ours": runs,
             "speedup_vs_sync_colocated": round(sync["step_s"] / runs["async"]["step_s"], 2),
             "speedup_vs_our_on_policy": round(runs["on-policy"]["step_s"] / runs["async"]["step_s"], 2)}

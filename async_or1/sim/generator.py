@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from async_or1.generation.worker import unsent_by_lease
 from async_or1.sim.engine import Seq, SimEngine
 from async_or1.sim.workload import Runs
 from async_or1.transport import messages as m
@@ -132,13 +133,7 @@ class SimGenerator:
         self.groups_sent += 1
 
     def _return_all(self) -> None:
-        unsent: dict[int, list[str]] = {}
-        for pid, op in self._open.items():
-            unsent.setdefault(op["lease"].lease_id, []).append(pid)
-        for lease in self._leases:
-            if not lease.done:
-                unsent.setdefault(lease.lease_id, []).extend(p.prompt_id for p in lease.prompts)
-        for lease_id, pids in unsent.items():
+        for lease_id, pids in unsent_by_lease(self._open, self._leases).items():
             self._send(m.ReturnLease(generator_id=self.gid, lease_id=lease_id, prompt_ids=pids))
         self._open.clear()
         self._leases = []

@@ -27,7 +27,7 @@ class SimLearner:
         self.version = 0
         self.stage = cfg.stage_at(0)[0]
         self.rows: list[dict] = []
-        self.trained: list[tuple[int, list]] = []   # (step, groups)
+        self.trained: list[tuple[int, list]] = []   # (step, groups) of every batch taken
         self.waiting = False
         self._phases: dict[str, float] = {}
         self._t = {}
@@ -73,6 +73,7 @@ class SimLearner:
         if groups is None:
             return
         self.waiting = False
+        self.trained.append((self.version, groups))   # the buffer counts them trained from here on
         self._phases["wait"] = self.now - self._t["wait"]
         dt = self.train_s(groups)
         self.events.at(self.now + dt, lambda: self._trained(groups, dt))
@@ -85,7 +86,6 @@ class SimLearner:
     # ---- train, broadcast -----------------------------------------------------------------
     def _trained(self, groups: list, dt: float) -> None:
         self._phases["train"] = dt
-        self.trained.append((self.version, groups))
         self.version += 1
         self.controller.set_version(self.version)
         self.on_dirty()
