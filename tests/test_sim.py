@@ -337,3 +337,34 @@ def test_a_shutdown_mid_run_returns_every_unsent_prompt():
     assert a["returned"] > 0 and a["in_flight"] == 0
     assert a["leased"] == a["trained"] + sum(a["dropped"].values()) + a["returned"] + a["queued"]
     assert sim.source.counts["reissued"] == a["returned"]          # handed back to the prompt source
+
+
+def test_splits_and_the_recommendation():
+    from async_or1.sim.plan import parse_split, recommend, scale_split
+
+    assert parse_split("3:1") == (3, 1) and parse_split("auto") is None
+    with pytest.raises(ValueError, match="G:L"):
+        parse_split("3-1")
+    assert scale_split(256, (3, 1), 2) == (192, 64)
+    assert scale_split(8, (1, 1), 1) == (4, 4)
+    assert scale_split(24, (1, 2), 8) == (8, 16)          # generators rounded to whole engines
+    runs = [{"gpus": 64, "gen_gpus": 48, "learner_gpus": 16, "mode": m, "max_staleness": e, "label": f"{m}{e}",
+             "tokens_per_s": t, "speedup": t / 100.0} for m, e, t in
+            (("on-policy", 0, 100.0), ("async", 1, 180.0), ("async", 2, 190.0), ("async", 4, 194.0))]
+    (rec,) = recommend(runs)
+    assert (rec["max_staleness"], rec["speedup_text"]) == (2, "1.90x on-policy")   # within 3% of the best, less stale
+
+
+def test_split_auto_searches_around_the_balance_point(tmp_path):
+    from async_or1.sim.plan import study
+
+    cfg = _cfg(4, 16, 4, 2048, "sim.gpus_per_node=4")
+    logs: list = []
+    res = study(cfg, gpus=[16], modes=["on-policy", "async"], etas=[2], split="auto", steps=4, seed=0,
+                out=tmp_path / "auto.json", log=logs.append)
+    tried = {(t["mode"], t["gen_gpus"]) for t in res["search"]}
+    assert len({g for _, g in tried}) >= 3 and all(0 < g < 16 for _, g in tried)
+    for r in res["runs"]:                                  # each mode runs at the split its search found best
+        best = max((t for t in res["search"] if t["mode"] == r["mode"]), key=lambda t: t["tokens_per_s"])
+        assert r["gen_gpus"] == best["gen_gpus"]
+    assert (tmp_path / "auto.png").exists() and any("best split" in x for x in logs)

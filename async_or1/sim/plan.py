@@ -81,13 +81,19 @@ def min_learner_gpus(cfg: Any, mdl: Model) -> int:
     raise ValueError(f"{mdl.shape.name} does not fit any number of {mdl.hw.name} learner GPUs")
 
 
+def split_step(cfg: Any, mdl: Model, budget: int) -> int:
+    """Splits move by whole nodes on big budgets, by one engine on small ones."""
+    return math.lcm(cfg.sim.gpus_per_node if budget >= 4 * cfg.sim.gpus_per_node else mdl.tp, mdl.tp)
+
+
+def feasible(cfg: Any, mdl: Model, budget: int, g: int) -> bool:
+    return mdl.tp <= g and g % mdl.tp == 0 and budget - g >= min_learner_gpus(cfg, mdl)
+
+
 def candidate_splits(cfg: Any, mdl: Model, budget: int) -> list[int]:
-    step = cfg.sim.gpus_per_node if budget >= 4 * cfg.sim.gpus_per_node else mdl.tp
-    step = math.lcm(step, mdl.tp)
+    step = split_step(cfg, mdl, budget)
     g0 = round(balance_split(cfg, mdl, budget) / step) * step
-    l_min = min_learner_gpus(cfg, mdl)
-    out = sorted({g0 + k * step for k in (-4, -2, -1, 0, 1, 2, 4)})
-    return [g for g in out if mdl.tp <= g and budget - g >= l_min]
+    return [g for g in sorted({g0 + k * step for k in (-4, -2, -1, 0, 1, 2, 4)}) if feasible(cfg, mdl, budget, g)]
 
 
 def study(cfg: Any, *, gpus: list[int], modes: list[str], etas: list[int], split: str, steps: int, seed: int,
@@ -124,18 +130,34 @@ def study(cfg: Any, *, gpus: list[int], modes: list[str], etas: list[int], split
 
 def _search(cfg: Any, mdl: Model, budget: int, mode: str, eta: int, steps: int, seed: int,
             log: Any) -> tuple[int, int, list]:
-    trial = []
-    for g in candidate_splits(cfg, mdl, budget):
+    """Short runs of the candidate splits; while the best is the last candidate on one side, one
+    more node that way (the balance point is an estimate)."""
+    trial: list[dict] = []
+
+    def run(g: int) -> None:
         try:
             r = Simulation(cfg, Setup(mode, eta, g, budget - g, steps, seed=seed), mdl).run()
+            tps = r["tokens_per_s"] or 0.0
         except SimError as e:
             log(f"simulate: split {g}:{budget - g} {mode} η={eta}: {e}")
-            continue
+            tps = 0.0
         trial.append({"gpus": budget, "gen_gpus": g, "learner_gpus": budget - g, "mode": mode, "max_staleness": eta,
-                      "tokens_per_s": r["tokens_per_s"]})
+                      "tokens_per_s": tps})
+
+    for g in candidate_splits(cfg, mdl, budget):
+        run(g)
+    step = split_step(cfg, mdl, budget)
+    while True:
+        done = sorted(t["gen_gpus"] for t in trial)
+        best = max(trial, key=lambda t: t["tokens_per_s"])["gen_gpus"]
+        nxt = best - step if best == done[0] else best + step if best == done[-1] else None
+        if nxt is None or not feasible(cfg, mdl, budget, nxt) or nxt in done:
+            break
+        run(nxt)
+    trial = [t for t in trial if t["tokens_per_s"] > 0]
     if not trial:
         raise SimError(f"no split of {budget} GPUs works for {mode} η={eta}")
-    best = max(trial, key=lambda t: t["tokens_per_s"] or 0.0)
+    best = max(trial, key=lambda t: t["tokens_per_s"])
     log(f"simulate: {budget} GPUs {mode}{'' if mode == 'on-policy' else f' η={eta}'}: best split "
         f"{best['gen_gpus']}:{best['learner_gpus']} of {[t['gen_gpus'] for t in trial]}")
     return best["gen_gpus"], best["learner_gpus"], trial
