@@ -137,7 +137,10 @@ def plot(results: list[dict], path: Path) -> None:
         ax[2].bar(y + (i - 1.5) * width, [r["length_bias"][k]["mean"] or 0 for r in results], width, color=c, label=k)
     ax[2].set_xticks(y, [f"{r['gpus']} {r['label']}" for r in results], rotation=60, fontsize=6, ha="right")
     ax[2].set_ylabel("mean response length (tokens)")
-    ax[2].legend(fontsize=7)
+    means = [r["length_bias"][k]["mean"] for r in results for k in r["length_bias"] if r["length_bias"][k]["mean"]]
+    if means:                                  # the differences are a few percent: do not start at 0
+        ax[2].set_ylim(0.9 * min(means), 1.04 * max(means))
+    ax[2].legend(fontsize=7, loc="upper left", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
