@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import subprocess
 import sys
 import time
@@ -28,8 +27,8 @@ from async_or1.transport import messages as m
 # ---- cost maths ----------------------------------------------------------------------------------
 
 def test_steps_closed_form_equals_the_step_by_step_sum():
-    # memory line 2 + 0.5·C, compute line 3·B + 0.25·C, overhead 1: with B = 4 the lines cross
-    # at C = 2/0.25... = 8 (memory wins below C = -... : checked numerically against the plain loop)
+    # memory line 2 + 0.5·C, compute line 3·B + 0.25·C, overhead 1: with B = 4 compute wins until
+    # C = 40, so the case (4, 30, 7) crosses from one line to the other mid-segment
     cost = costs.DecodeCost(overhead_s=1.0, mem0_s=2.0, mem_per_ctx_s=0.5, cmp_per_seq_s=3.0, cmp_per_ctx_s=0.25)
     for batch, ctx0, k in [(4, 0, 10), (4, 30, 7), (1, 0, 5), (2, 3, 1), (3, 10, 0)]:
         loop = sum(cost.step_s(batch, ctx0 + i * batch) for i in range(k))

@@ -123,8 +123,9 @@ def study(cfg: Any, *, gpus: list[int], modes: list[str], etas: list[int], split
     write(results, meta, out)
     log(table(results))
     for r in rec:
-        log(f"recommend for {r['gpus']} GPUs: {r['gen_gpus']}:{r['learner_gpus']} {r['label']} "
-            f"({r['tokens_per_s']:.0f} trained tok/s, {r['speedup_text']})")
+        log(f"recommend for {r['gpus']} GPUs: {r['gen_gpus']}:{r['learner_gpus']} {r['label']}, "
+            f"generation.prompts_per_lease={r['prompts_per_lease']} ({r['tokens_per_s']:.0f} trained tok/s, "
+            f"{r['speedup_text']})")
     return {"runs": results, **meta}
 
 
@@ -182,6 +183,7 @@ def recommend(results: list[dict], tolerance: float = 0.03) -> list[dict]:
         sp = pick.get("speedup")
         out.append({"gpus": budget, "gen_gpus": pick["gen_gpus"], "learner_gpus": pick["learner_gpus"],
                     "mode": pick["mode"], "max_staleness": pick["max_staleness"], "label": pick["label"],
+                    "prompts_per_lease": pick.get("prompts_per_lease"),
                     "tokens_per_s": pick["tokens_per_s"], "speedup": sp,
                     "speedup_text": "no on-policy run to compare" if sp is None else f"{sp:.2f}x on-policy"})
     return out
