@@ -367,3 +367,15 @@ def test_split_auto_searches_around_the_balance_point(tmp_path):
         best = max((t for t in res["search"] if t["mode"] == r["mode"]), key=lambda t: t["tokens_per_s"])
         assert r["gen_gpus"] == best["gen_gpus"]
     assert (tmp_path / "auto.png").exists() and any("best split" in x for x in logs)
+
+
+def test_between_requests_updates_wait_for_the_batch_to_drain():
+    """weight_update=between_requests: a generator starts nothing while an update waits and joins
+    the broadcast once its batch has drained, so the learner's broadcast phase holds the drain;
+    in flight, engines pause between decode steps and the broadcast is the transfer alone."""
+    out = {}
+    for wu in ("between_requests", "in_flight"):
+        cfg = _cfg(6, 16, 4, 4096, f"generation.weight_update={wu}")
+        res = Simulation(cfg, Setup("async", 2, 2, 1, 6)).run()
+        out[wu] = res["phase_s_mean"]["broadcast"]
+    assert out["in_flight"] < 1.0 < out["between_requests"]
