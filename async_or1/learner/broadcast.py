@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import Any, Iterable, Iterator
+
+from async_or1.weights.fingerprint import Fingerprint
 
 log = logging.getLogger("async_or1.learner")
 
@@ -45,32 +47,46 @@ class GroupChannel:
         self.broken = False
         log.info("weight group epoch %d formed with %d generator(s)", self.epoch, world - 1)
 
-    def send(self, version: int, names: list, tensors: list) -> bool:
-        """Broadcast ``tensors`` as ``version``; False when no complete group exists right now (the
-        generators get the next broadcast after the group is re-formed)."""
+    def send(self, version: int, specs: list, named: Iterable) -> bool:
+        """Broadcast ``named`` ((name, tensor) in ``specs`` order, consumed one at a time) as
+        ``version``; ``specs`` = (name, dtype, shape) per tensor, known before any tensor exists. False
+        when no complete group exists right now (the generators get the next broadcast after the
+        group is re-formed); the caller exhausts ``named`` either way."""
         from async_or1.weights import plan_update, send_weights
 
         if self.broken:
             if len(self.controller.alive_generators()) < self.num_generators:
                 return False
             self._form()
-        update = plan_update(version, names, [str(t.dtype).replace("torch.", "") for t in tensors],
-                             [list(t.shape) for t in tensors], self.bucket_bytes, layout=self.layout,
-                             group_epoch=self.epoch)
+        names = [n for n, _, _ in specs]
+        update = plan_update(version, names, [d for _, d, _ in specs], [s for _, _, s in specs], self.bucket_bytes,
+                             layout=self.layout, group_epoch=self.epoch)
         self.controller.post(update)
         self.controller.flush()
-        if self.fingerprint:
-            from async_or1.weights.fingerprint import weights_fingerprint
-
-            self.sent_fingerprints[version] = weights_fingerprint(zip(names, tensors))
+        fp = Fingerprint() if self.fingerprint else None
         try:
-            send_weights(self.group, update, tensors)
+            send_weights(self.group, update, in_order(names, named, fp))
         except Exception as e:  # a generator died mid-broadcast: re-form once it is back
             log.error("weight broadcast v%d failed (%s); the group is re-formed when all generators are up",
                       version, e)
             self.broken = True
             return False
+        if fp is not None:
+            self.sent_fingerprints[version] = fp.hexdigest()
         return True
+
+
+def in_order(names: list, named: Iterable, fp: Any = None) -> Iterator:
+    """The tensors of ``named`` as they come, checked to follow ``names`` (a source walking its
+    parameters in another order than its specs would otherwise send same-shaped tensors under
+    each other's names), each fed to the fingerprint ``fp`` on the way."""
+    for k, (name, t) in enumerate(named):
+        if k >= len(names) or name != names[k]:
+            raise ValueError(f"weight source: tensor {k} is {name!r}, the update announced "
+                             f"{names[k] if k < len(names) else 'no more tensors'!r}")
+        if fp is not None:
+            fp.update(name, t)
+        yield t
 
 
 class WeightStore:
@@ -98,17 +114,16 @@ class InprocChannel:
         self.fingerprint = fingerprint
         self.sent_fingerprints: dict[int, str] = {}
 
-    def send(self, version: int, names: list, tensors: list) -> bool:
+    def send(self, version: int, specs: list, named: Iterable) -> bool:
         from async_or1.transport import messages as m
 
-        if self.fingerprint:
-            from async_or1.weights.fingerprint import weights_fingerprint
-
-            self.sent_fingerprints[version] = weights_fingerprint(zip(names, tensors))
+        names = [n for n, _, _ in specs]
+        fp = Fingerprint() if self.fingerprint else None
         # Copies: the learner's next optimizer step must not change what the generator loads.
-        self.store.publish(version, {n: t.detach().clone() for n, t in zip(names, tensors)})
-        self.controller.post(m.WeightUpdate(version=version, names=list(names),
-                                            dtypes=[str(t.dtype).replace("torch.", "") for t in tensors],
-                                            shapes=[list(t.shape) for t in tensors], bucket_bytes=0,
+        self.store.publish(version, {n: t.detach().clone() for n, t in zip(names, in_order(names, named, fp))})
+        if fp is not None:
+            self.sent_fingerprints[version] = fp.hexdigest()
+        self.controller.post(m.WeightUpdate(version=version, names=names, dtypes=[d for _, d, _ in specs],
+                                            shapes=[list(s) for _, _, s in specs], bucket_bytes=0,
                                             layout="inproc", group_epoch=0))
         return True

@@ -6,6 +6,7 @@ writes involve every rank, so every rank calls these functions in the same order
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -25,6 +26,14 @@ def _param_bytes(p: torch.nn.Parameter) -> int:
     return n * p.element_size()
 
 
+def param_specs(model: torch.nn.Module) -> list[tuple[str, str, list[int]]]:
+    """(name, dtype name, full shape) per parameter in ``named_parameters()`` order, from metadata
+    alone: under ZeRO-3 the full shape is ``ds_shape`` and nothing is gathered. This is what a
+    weight update is planned from before any tensor exists."""
+    return [(name, str(p.dtype).replace("torch.", ""), [int(s) for s in getattr(p, "ds_shape", p.shape)])
+            for name, p in model.named_parameters()]
+
+
 def _groups(named: list, bucket_bytes: int) -> Iterator[list]:
     cur, used = [], 0
     for name, p in named:
@@ -38,26 +47,38 @@ def _groups(named: list, bucket_bytes: int) -> Iterator[list]:
         yield cur
 
 
-def full_state_iter(model: torch.nn.Module, *, zero_stage: int, rank: int,
-                    bucket_bytes: int = 256 << 20) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, full tensor) in ``model.named_parameters()`` order; yields on rank 0 only.
+def _gathered_groups(model: torch.nn.Module, zero_stage: int, rank: int,
+                     bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Each group of parameters (at most ``bucket_bytes``, or one larger parameter) as full tensors,
+    in ``named_parameters()`` order; rank 0 gets the tensors, the other ranks empty lists. Every rank
+    must exhaust it: ZeRO-3 gathers are collective.
 
-    ZeRO 0-2 keep full parameters on every rank: rank 0 yields the live tensors (no copy; the
-    caller must send them before the next optimizer step). ZeRO-3 gathers a bucket of parameters
-    at a time (memory-bounded by ``bucket_bytes``) and rank 0 yields clones, since the gathered
-    storage is released when the bucket is done."""
+    Under ZeRO-3 a group stays gathered only until the consumer asks for the next one (the
+    GatheredParameters context closes when this generator resumes), so rank 0 holds one group of full
+    weights at a time; a consumer that keeps a tensor past that keeps its memory alive, nothing
+    else. ZeRO 0-2 keep full parameters on every rank: rank 0 gets the live tensors (no copy; use
+    them before the next optimizer step)."""
     named = list(model.named_parameters())  # remove_duplicate=True: a tied weight appears once
     if zero_stage != 3:
-        if rank == 0:
-            for name, p in named:
-                yield name, p.detach()
+        for group in _groups(named, bucket_bytes):
+            yield [(n, p.detach()) for n, p in group] if rank == 0 else []
         return
     import deepspeed
 
     for group in _groups(named, bucket_bytes):
         with deepspeed.zero.GatheredParameters([p for _, p in group], modifier_rank=None):
-            copies = [(n, p.detach().clone()) for n, p in group] if rank == 0 else []
-        yield from copies
+            yield [(n, p.detach()) for n, p in group] if rank == 0 else []
+
+
+def full_state_iter(model: torch.nn.Module, *, zero_stage: int, rank: int,
+                    bucket_bytes: int = 256 << 20) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) in ``model.named_parameters()`` order; yields on rank 0 only, and every
+    rank must exhaust it. A tensor is valid (and, under ZeRO-3, its group's memory held) until the
+    consumer asks for the next group's first tensor: copy what must outlive that (see
+    ``_gathered_groups``)."""
+    for group in _gathered_groups(model, zero_stage, rank, bucket_bytes):
+        yield from group
+        del group  # drop this frame's references before the next gather
 
 
 def save_checkpoint(engine: Any, path: str | os.PathLike, client_state: dict, *, rank: int) -> None:
@@ -95,19 +116,75 @@ def load_checkpoint(engine: Any, path: str | os.PathLike) -> dict:
 
 
 def save_hf(model: torch.nn.Module, path: str | os.PathLike, *, zero_stage: int, rank: int,
-            tokenizer: Any = None) -> None:
-    """Hugging Face directory (safetensors + config [+ tokenizer]) loadable with from_pretrained;
-    collective (ZeRO-3 gathers), written by rank 0."""
+            tokenizer: Any = None, bucket_bytes: int = 256 << 20) -> None:
+    """Hugging Face directory (sharded safetensors + config [+ tokenizer]) loadable with
+    from_pretrained; collective (ZeRO-3 gathers), written by rank 0.
+
+    One shard per gathered group of at most ``bucket_bytes``, written while the group is gathered
+    and released before the next (safetensors writes straight from the tensors' memory), so rank 0
+    never holds more than one group of full weights. Written under ``.<name>.tmp`` beside ``path``
+    and renamed into place, so a crash mid-save never leaves a directory that looks complete (nor a
+    stale shard beside new ones)."""
     import torch.distributed as dist
 
-    state = dict(full_state_iter(model, zero_stage=zero_stage, rank=rank))
+    specs = param_specs(model)
+    final = Path(path)
+    tmp = final.parent / f".{final.name}.tmp"
     if rank == 0:
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        # Clones: safetensors refuses tensors that share storage, and ZeRO 0-2 yields live params.
-        state = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
-        model.save_pretrained(str(out), state_dict=state)
+        _check_checkpoint_layout(model, specs)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    groups = [len(g) for g in _groups(list(model.named_parameters()), bucket_bytes)]
+    files = ["model.safetensors"] if len(groups) == 1 else \
+        [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))]
+    weight_map: dict[str, str] = {}
+    for k, group in enumerate(_gathered_groups(model, zero_stage, rank, bucket_bytes)):
+        if rank == 0:
+            _write_shard(tmp / files[k], group)
+            weight_map.update((n, files[k]) for n, _ in group)
+        del group
+    if rank == 0:
+        if len(files) > 1:
+            total = sum(torch.Size(sh).numel() * getattr(torch, d).itemsize for _, d, sh in specs)
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n")
+        # What save_pretrained writes beside the weights (config with dtype and architecture, and the
+        # generation config).
+        model.config.dtype = str(model.dtype).replace("torch.", "")
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(str(tmp))
+        if model.can_generate():
+            model.generation_config.save_pretrained(str(tmp))
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(out))
+            tokenizer.save_pretrained(str(tmp))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
     if dist.is_initialized():
         dist.barrier()
+
+
+def _write_shard(file: Path, group: list[tuple[str, torch.Tensor]]) -> None:
+    from safetensors.torch import save_file
+
+    # safetensors refuses tensors that share storage; ZeRO 1-2 keep parameters as views of one
+    # flat buffer, so those (only those) are copied, one shard at a time.
+    owners: dict[int, int] = {}
+    for _, t in group:
+        ptr = t.untyped_storage().data_ptr()
+        owners[ptr] = owners.get(ptr, 0) + 1
+    shard = {n: (t.clone() if owners[t.untyped_storage().data_ptr()] > 1 else t).contiguous() for n, t in group}
+    save_file(shard, str(file), metadata={"format": "pt"})
+
+
+def _check_checkpoint_layout(model: torch.nn.Module, specs: list) -> None:
+    """Shards carry the parameters' module names. transformers converts some architectures'
+    checkpoint layouts on load (and back in save_pretrained); refuse those rather than write a
+    checkpoint their loader misreads. Asked of transformers itself, on meta tensors (its only API
+    for the mapping)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    names = {n for n, _, _ in specs}
+    meta = {n: torch.empty(sh, dtype=getattr(torch, d), device="meta") for n, d, sh in specs}
+    if set(revert_weight_conversion(model, meta)) != names:
+        raise ValueError(f"save_hf: {type(model).__name__} saves its weights under other names than its modules "
+                         "(a transformers weight conversion); the streaming save does not support it")

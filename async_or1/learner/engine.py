@@ -17,6 +17,7 @@ DeepSpeed gathers it around that module's forward and backward (``register_exter
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Any, Iterator
@@ -87,7 +88,6 @@ class LearnerEngine:
     def __init__(self, cfg: Any, model_path: str) -> None:
         import deepspeed
         import torch.distributed as dist
-        from transformers import AutoModelForCausalLM
 
         if not dist.is_initialized():
             raise RuntimeError("LearnerEngine: the default process group is not initialised; call "
@@ -101,8 +101,9 @@ class LearnerEngine:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.zero_stage = int(cfg.learner.zero_stage)
         self.dtype = getattr(torch, cfg.model.dtype)
-        hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype,
-                                                  trust_remote_code=cfg.model.trust_remote_code)
+        self.bucket_bytes = int(cfg.learner.bucket_mb) << 20
+        ds_config = deepspeed_config(cfg, self.world_size)
+        hf = _load_hf(model_path, self.dtype, cfg.model.trust_remote_code, ds_config if self.zero_stage == 3 else None)
         hf.config.use_cache = False
         if cfg.learner.gradient_checkpointing:
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -110,7 +111,7 @@ class LearnerEngine:
         policy = _Policy(hf, cfg.algo.temperature, cfg.learner.logprob_chunk_tokens)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=policy, model_parameters=[p for p in policy.parameters() if p.requires_grad],
-            config=deepspeed_config(cfg, self.world_size))
+            config=ds_config)
         if self.zero_stage == 3:
             deepspeed.zero.register_external_parameter(self.engine.module.head, hf.get_output_embeddings().weight)
         pad = getattr(hf.config, "pad_token_id", None)
@@ -237,13 +238,23 @@ class LearnerEngine:
         return float(sq.sqrt())
 
     # ---- weights and checkpoints (collective on every learner rank) ------------------------------
-    def full_state_iter(self, bucket_bytes: int = 256 << 20) -> Iterator[tuple[str, torch.Tensor]]:
+    def weight_specs(self) -> list[tuple[str, str, list[int]]]:
+        """(name, dtype, full shape) of every tensor ``full_state_iter`` yields, in its order, from
+        metadata (no gather): what a weight update is planned from."""
+        from async_or1.learner.checkpoint import param_specs
+
+        return param_specs(self.hf_model)
+
+    def full_state_iter(self, bucket_bytes: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full tensor) in ``hf_model.named_parameters()`` order (HF names; a tied output
         embedding appears once, under its input-embedding name, as in the generator's model).
-        Yields only on rank 0; every rank must exhaust it (ZeRO-3 gathers are collective)."""
+        Yields only on rank 0; every rank must exhaust it (ZeRO-3 gathers are collective). Streams:
+        under ZeRO-3 one group of at most ``bucket_bytes`` (default ``learner.bucket_mb``) is gathered
+        at a time and released when the next is asked for, so copy what must outlive that."""
         from async_or1.learner.checkpoint import full_state_iter
 
-        return full_state_iter(self.hf_model, zero_stage=self.zero_stage, rank=self.rank, bucket_bytes=bucket_bytes)
+        return full_state_iter(self.hf_model, zero_stage=self.zero_stage, rank=self.rank,
+                               bucket_bytes=bucket_bytes or self.bucket_bytes)
 
     def save_checkpoint(self, path: str | os.PathLike, client_state: dict) -> None:
         from async_or1.learner.checkpoint import save_checkpoint
@@ -258,7 +269,37 @@ class LearnerEngine:
     def save_hf(self, path: str | os.PathLike, tokenizer: Any = None) -> None:
         from async_or1.learner.checkpoint import save_hf
 
-        save_hf(self.hf_model, path, zero_stage=self.zero_stage, rank=self.rank, tokenizer=tokenizer)
+        save_hf(self.hf_model, path, zero_stage=self.zero_stage, rank=self.rank, tokenizer=tokenizer,
+                bucket_bytes=self.bucket_bytes)
+
+
+def _load_hf(model_path: str, dtype: torch.dtype, trust_remote_code: bool, zero3_config: dict | None) -> nn.Module:
+    """The Hugging Face model; with ``zero3_config`` partitioned as it is built, never whole.
+
+    Under ZeRO-3 the model is constructed inside ``deepspeed.zero.Init`` (each module's parameters
+    are partitioned as soon as the module exists) and the checkpoint is copied into one module's
+    gathered parameters at a time (rank 0 reads the memory-mapped file, DeepSpeed scatters), so no
+    rank holds the full model. transformers does exactly this in ``from_pretrained`` while an
+    ``HfDeepSpeedConfig`` is alive (its documented integration outside the Trainer); that object is
+    a process-wide switch, so it lives only for this call."""
+    from transformers import AutoModelForCausalLM
+
+    if zero3_config is None:
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    switch = HfDeepSpeedConfig(copy.deepcopy(zero3_config))
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    finally:
+        del switch
+        unset_hf_deepspeed_config()
+    whole = [n for n, p in hf.named_parameters() if not hasattr(p, "ds_id")]
+    if whole:
+        raise RuntimeError(f"ZeRO-3 load of {model_path}: {len(whole)} parameters were not partitioned at "
+                           f"construction (first: {whole[0]}); transformers did not build the model under "
+                           "deepspeed.zero.Init")
+    return hf
 
 
 def _empty() -> MicroBatch:

@@ -145,14 +145,14 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
     phases = Phases()
 
     def broadcast(v: int) -> None:
-        """Collective over learner ranks (ZeRO-3 gathers); only rank 0 sends to the generators."""
-        names, tensors = [], []
-        for name, t in engine.full_state_iter():  # every rank walks it: ZeRO-3 gathers are collective
-            if rank == 0:
-                names.append(name)
-                tensors.append(t)
-        if rank == 0 and channel.send(v, names, tensors):
+        """Collective over learner ranks (ZeRO-3 gathers); only rank 0 sends to the generators. The
+        update is planned from metadata, then each bucket is gathered, sent and freed before the next:
+        rank 0 never holds the whole model."""
+        stream = engine.full_state_iter()
+        if rank == 0 and channel.send(v, engine.weight_specs(), stream):
             side.controller.set_version(side.controller.version, broadcast_version=v)
+        for _ in stream:  # every rank walks it to the end (gathers are collective); rank 0's channel
+            pass          # may have stopped early (no group, a failed send) or never started
 
     broadcast(version)
     if rank == 0:

@@ -4,16 +4,31 @@ generator loaded is what the learner sent."""
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable
+from typing import Any, Iterable
+
+
+class Fingerprint:
+    """SHA-1 over (name, dtype, shape, raw bytes) of each tensor fed to ``update``, in that order;
+    incremental, so a stream of tensors is hashed as it passes and nothing is kept."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha1()
+
+    def update(self, name: str, t: Any) -> None:
+        import torch
+
+        t = t.detach().to("cpu").contiguous()
+        self._h.update(f"{name}|{str(t.dtype)}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            self._h.update(t.view(torch.uint8).numpy())  # the buffer itself, no copy
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
 
 
 def weights_fingerprint(named: Iterable) -> str:
-    """SHA-1 over (name, dtype, shape, raw bytes) of each (name, tensor), in the given order."""
-    import torch
-
-    h = hashlib.sha1()
+    """The Fingerprint of each (name, tensor) of ``named``, in the given order."""
+    fp = Fingerprint()
     for name, t in named:
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}|{str(t.dtype)}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+        fp.update(name, t)
+    return fp.hexdigest()

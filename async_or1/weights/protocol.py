@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -192,22 +192,27 @@ def _header(update: WeightUpdate, device: torch.device) -> torch.Tensor:
 # send / receive
 # ---------------------------------------------------------------------------------------------
 
-def _check_tensors(update: WeightUpdate, tensors: list) -> None:
-    if len(tensors) != len(update.names):
-        raise ValueError(f"weights.send_weights: {len(tensors)} tensors for {len(update.names)} announced names")
-    for n, d, sh, t in zip(update.names, update.dtypes, update.shapes, tensors):
-        if dtype_name(t.dtype) != d or list(t.shape) != list(sh):
-            raise ValueError(f"weights.send_weights: tensor {n!r} is {dtype_name(t.dtype)}{list(t.shape)}, "
-                             f"the update announced {d}{list(sh)}")
+def _pull(it: Iterator, update: WeightUpdate, i: int) -> torch.Tensor:
+    """The source's next tensor, checked against the plan's entry ``i``."""
+    t = next(it, None)
+    if t is None:
+        raise ValueError(f"weights.send_weights: the source ended after {i} tensors, the update announced "
+                         f"{len(update.names)}")
+    n, d, sh = update.names[i], update.dtypes[i], update.shapes[i]
+    if dtype_name(t.dtype) != d or list(t.shape) != list(sh):
+        raise ValueError(f"weights.send_weights: tensor {n!r} is {dtype_name(t.dtype)}{list(t.shape)}, "
+                         f"the update announced {d}{list(sh)}")
+    return t
 
 
 def _bytes_of(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.detach().to(device).contiguous().reshape(-1).view(torch.uint8)  # [nbytes]
 
 
-# Staging buffers of the flat layout, reused across buckets and calls: a fresh multi-hundred-MB
-# buffer per bucket costs more in page faults than the broadcast itself on CPU. Two slots so that
-# filling bucket k+1 overlaps the broadcast of bucket k. Bounded by 2 x bucket_bytes per device.
+# Receive staging buffers of the flat layout, reused across buckets and calls: a fresh
+# multi-hundred-MB buffer per bucket costs more in page faults than the broadcast itself on CPU.
+# Two slots so that bucket k+1 arrives while bucket k is copied out. Bounded by 2 x bucket_bytes
+# per device. (The sender allocates its one staging buffer per call; see send_weights.)
 _STAGING: dict[tuple[str, int], torch.Tensor] = {}
 
 
@@ -221,46 +226,68 @@ def _staging(device: torch.device, slot: int, size: int) -> torch.Tensor:
 
 
 def release_buffers() -> None:
-    """Free the cached staging buffers (e.g. before a memory-hungry phase)."""
+    """Free the cached receive staging buffers (e.g. before a memory-hungry phase)."""
     _STAGING.clear()
 
 
-def send_weights(group: Any, update: WeightUpdate, tensors: list) -> dict:
-    """Rank 0: broadcast ``tensors`` (in ``update.names`` order) as planned; returns timing stats."""
-    _check_tensors(update, tensors)
+def send_weights(group: Any, update: WeightUpdate, tensors: Iterable[torch.Tensor]) -> dict:
+    """Rank 0: broadcast ``tensors`` as planned; returns timing stats.
+
+    ``tensors`` is any iterable in ``update.names`` order (a list, or a generator that gathers each
+    tensor only when asked, as learner rank 0 does under ZeRO-3); each tensor's dtype and shape are
+    checked against the plan as it arrives. Memory: the sender keeps no reference to a tensor once
+    its bytes are staged or its broadcast is done, and has at most one broadcast in flight, so a
+    streaming source never has more than its current bucket alive beside the one staging buffer
+    (2 x bucket_bytes, or the largest tensor when that is bigger). The next bucket is pulled (for
+    ZeRO-3: gathered) while the previous one is on the wire. The staging buffer lives for this call
+    only: a learner keeps no broadcast memory between broadcasts."""
     device = _comm_device(group)
     t0 = time.perf_counter()
     buckets = plan_buckets(update)
+    it = iter(tensors)
     pending: deque = deque()  # outstanding async broadcasts, oldest first
+
+    def drain() -> None:
+        while pending:
+            pending.popleft().wait()
+
     if update.layout == "flat":
         dist.broadcast(_header(update, device), group=group, group_src=0)
-        for k, bucket in enumerate(buckets):
-            # At most one broadcast in flight while the next bucket is filled: staging slot k % 2 was
-            # last read by bucket k-2, which is then done, and device copies of lone tensors (e.g.
-            # CUDA → CPU for gloo) stay bounded.
-            while len(pending) > 1:
-                pending.popleft().wait()
-            if len(bucket) == 1:  # a lone tensor goes straight from its own bytes, no copy
-                buf = _bytes_of(tensors[bucket[0]], device)
-            else:
-                offs, size = _offsets(update, bucket)
-                buf = _staging(device, k % 2, size)  # [bucket bytes]
-                for i, off in zip(bucket, offs):
-                    b = _bytes_of(tensors[i], device)
-                    buf[off:off + b.numel()].copy_(b)
-            pending.append(dist.broadcast(buf, group=group, group_src=0, async_op=True))
-        n_bcast = len(buckets)
-    else:
+        staging = None  # allocated at the first bucket of several tensors, sized for the largest
+        stage_bytes = max((_offsets(update, bk)[1] for bk in buckets if len(bk) > 1), default=0)
         for bucket in buckets:
-            # async within a bucket so the backend can pipeline; waiting per bucket bounds the
-            # device copies alive at once to one bucket.
-            pending.extend(dist.broadcast(tensors[i].detach().to(device).contiguous(), group=group, group_src=0,
-                                          async_op=True) for i in bucket)
-            while pending:
-                pending.popleft().wait()
+            if len(bucket) == 1:  # a lone tensor goes straight from its own bytes, no copy
+                buf = _bytes_of(_pull(it, update, bucket[0]), device)  # pulled while the last bucket flies
+                drain()
+                # Synchronous: the next pull must not gather while this tensor is still held.
+                dist.broadcast(buf, group=group, group_src=0)
+                del buf
+                continue
+            offs, size = _offsets(update, bucket)
+            for j, (i, off) in enumerate(zip(bucket, offs)):
+                b = _bytes_of(_pull(it, update, i), device)
+                if j == 0:  # the staging buffer is free once the previous bucket has left
+                    drain()
+                    if staging is None:
+                        staging = torch.empty(stage_bytes, dtype=torch.uint8, device=device)  # [bytes]
+                staging[off:off + b.numel()].copy_(b)
+                del b
+            pending.append(dist.broadcast(staging[:size], group=group, group_src=0, async_op=True))
+        n_bcast = len(buckets)
+    elif update.layout == "per_tensor":
+        for bucket in buckets:
+            # async within a bucket so the backend can pipeline; waiting per bucket bounds the tensors
+            # (and device copies) alive at once to one bucket.
+            for i in bucket:
+                pending.append(dist.broadcast(_pull(it, update, i).detach().to(device).contiguous(), group=group,
+                                              group_src=0, async_op=True))
+            drain()
         n_bcast = len(update.names)
-    while pending:
-        pending.popleft().wait()
+    else:
+        raise ValueError(f"weights.send_weights: layout {update.layout!r} not in {LAYOUTS}")
+    drain()
+    if next(it, None) is not None:
+        raise ValueError(f"weights.send_weights: the source has more than the {len(update.names)} announced tensors")
     seconds = time.perf_counter() - t0
     total = sum(_nbytes(d, s) for d, s in zip(update.dtypes, update.shapes))
     return {"version": update.version, "bytes": total, "buckets": len(buckets), "broadcasts": n_bcast,
@@ -334,7 +361,7 @@ def _post_flat(group: Any, update: WeightUpdate, bucket: list[int], slot: int, c
         return dist.broadcast(dest[0].reshape(-1).view(torch.uint8), group=group, group_src=0,
                               async_op=True), dest, None
     _, size = _offsets(update, bucket)
-    buf = _staging(comm, 2 + slot, size)  # [bucket bytes]; receiver slots apart from the sender's
+    buf = _staging(comm, slot, size)  # [bucket bytes]
     return dist.broadcast(buf, group=group, group_src=0, async_op=True), dest, buf
 
 
