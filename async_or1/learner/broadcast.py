@@ -1,4 +1,5 @@
-"""How new weights leave learner rank 0: two channels with one method, ``send``.
+"""How new weights leave learner rank 0: ``broadcast_weights`` streams the learner's weights into
+one of two channels with one method, ``send``.
 
 - ``GroupChannel``: the torch.distributed broadcast group shared with generator processes
   (gloo on CPU, NCCL on GPU), announced over the wire and re-formed after a generator restart.
@@ -14,6 +15,22 @@ from typing import Any, Iterable, Iterator
 from async_or1.weights.fingerprint import Fingerprint
 
 log = logging.getLogger("async_or1.learner")
+
+
+def broadcast_weights(engine: Any, channel: Any, version: int) -> bool:
+    """Collective over learner ranks (ZeRO-3 gathers); rank 0 sends through ``channel`` (None on the
+    other ranks). The update is planned from metadata, then each bucket is gathered, sent and freed
+    before the next, so rank 0 never holds the whole model. True when the generators got ``version``.
+
+    The gather runs half a bucket at a time: gloo's all-gather stages its output in a temporary of
+    the same size (measured: a gather of g bytes peaks at 2g), so rank 0 holds at most the sender's
+    one staging bucket plus a gather's peak, 2 x ``learner.bucket_mb`` (1.5 x on NCCL, which gathers
+    in place)."""
+    stream = engine.full_state_iter(max(engine.bucket_bytes // 2, 1))
+    sent = channel is not None and channel.send(version, engine.weight_specs(), stream)
+    for _ in stream:  # every rank walks it to the end (gathers are collective); rank 0's channel
+        pass          # may have stopped early (no group, a failed send) or never started
+    return sent
 
 
 class GroupChannel:

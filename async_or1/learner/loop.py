@@ -94,6 +94,7 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
 
     from async_or1.algo import AdaptiveEntropy
     from async_or1.config import config_from_dict
+    from async_or1.learner.broadcast import broadcast_weights
     from async_or1.learner.batch import batch_stats, groups_to_sequences
     from async_or1.learner.engine import LearnerEngine
     from async_or1.learner.metrics import MetricsWriter
@@ -145,14 +146,8 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
     phases = Phases()
 
     def broadcast(v: int) -> None:
-        """Collective over learner ranks (ZeRO-3 gathers); only rank 0 sends to the generators. The
-        update is planned from metadata, then each bucket is gathered, sent and freed before the next:
-        rank 0 never holds the whole model."""
-        stream = engine.full_state_iter()
-        if rank == 0 and channel.send(v, engine.weight_specs(), stream):
+        if broadcast_weights(engine, channel if rank == 0 else None, v):
             side.controller.set_version(side.controller.version, broadcast_version=v)
-        for _ in stream:  # every rank walks it to the end (gathers are collective); rank 0's channel
-            pass          # may have stopped early (no group, a failed send) or never started
 
     broadcast(version)
     if rank == 0:
