@@ -85,15 +85,18 @@ class Probe:
     @contextlib.contextmanager
     def phase(self, name: str):
         gc.collect()
-        rss0, anon0 = self._status("VmRSS"), self._anon()
+        self._start = (self._status("VmRSS"), self._anon(), time.perf_counter())
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS (Linux >= 4.0)
-        self._peak_anon = anon0
-        t0 = time.perf_counter()
+        self._peak_anon = self._start[1]
         yield
-        seconds = time.perf_counter() - t0
+        self.mark(name)
+
+    def mark(self, name: str) -> None:
+        """Record ``name``: the current phase from its start until now."""
+        rss0, anon0, t0 = self._start
         self._peak_anon = max(self._peak_anon, self._anon())
         self.results[name] = {
-            "seconds": round(seconds, 3), "rss_start_mib": round(rss0 / MIB, 1),
+            "seconds": round(time.perf_counter() - t0, 3), "rss_start_mib": round(rss0 / MIB, 1),
             "peak_extra_mib": round((self._status("VmHWM") - rss0) / MIB, 1),
             "peak_anon_extra_mib": round((self._peak_anon - anon0) / MIB, 1),
             "end_extra_mib": round((self._status("VmRSS") - rss0) / MIB, 1),
@@ -111,7 +114,7 @@ def make_model(path: Path, a: dict) -> int:
     cfg = Qwen2Config(vocab_size=a["vocab"], hidden_size=a["hidden"], intermediate_size=a["intermediate"],
                       num_hidden_layers=a["layers"], num_attention_heads=a["heads"], num_key_value_heads=a["kv_heads"],
                       max_position_embeddings=512, tie_word_embeddings=True, pad_token_id=0)
-    model = Qwen2ForCausalLM(cfg)
+    model = Qwen2ForCausalLM(cfg).to(getattr(torch, a["checkpoint_dtype"]))
     model.save_pretrained(str(path))
     return sum(p.numel() for p in model.parameters())
 
@@ -181,9 +184,19 @@ def _rank(job: dict) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(job["model"]))]
+    # The model as loaded, before DeepSpeed adds its own buffers: a sub-phase that ends where the
+    # engine hands the model to deepspeed.initialize.
+    real_initialize = deepspeed.initialize
+
+    def initialize(*args, **kwargs):
+        probe.mark("load_model")
+        return real_initialize(*args, **kwargs)
+
+    deepspeed.initialize = initialize
     dist.barrier()
     with probe.phase("load"):
         engine = LearnerEngine(cfg, job["model"])
+    deepspeed.initialize = real_initialize
     dist.barrier()
     g = torch.Generator().manual_seed(rank)
     prompt, resp = torch.randint(1, 100, (8,), generator=g).tolist(), torch.randint(1, 100, (24,), generator=g).tolist()
@@ -275,12 +288,13 @@ def run(a: dict, workdir: Path) -> dict:
     states = [r["phases"]["load"]["end_anon_extra_mib"] + r["phases"]["step"]["end_anon_extra_mib"] for r in ranks]
     return {
         "model": {"parameters": n_params, "mib_fp32": round(model_mib, 1), **{k: a[k] for k in (
-            "layers", "hidden", "intermediate", "vocab", "heads", "kv_heads")}},
+            "layers", "hidden", "intermediate", "vocab", "heads", "kv_heads", "checkpoint_dtype")}},
         "ranks": a["ranks"], "bucket_mb": bucket, "zero_stage": 3, "backend": "gloo, 127.0.0.1",
         "per_rank": ranks,
         "rank0_broadcast_peak_extra_mib": max(r0["broadcast_1"]["peak_extra_mib"], r0["broadcast_2"]["peak_extra_mib"]),
         "rank0_save_hf_peak_extra_mib": r0["save_hf"]["peak_extra_mib"],
         "target_mib": round(2 * bucket * 1.1, 1),
+        "load_model_peak_anon_extra_mib": [r["phases"]["load_model"]["peak_anon_extra_mib"] for r in ranks],
         "load_peak_anon_extra_mib": [lo["peak_anon_extra_mib"] for lo in loads],
         "load_peak_extra_mib": [lo["peak_extra_mib"] for lo in loads],
         "model_states_mib": [round(s, 1) for s in states],
@@ -301,6 +315,8 @@ def main() -> int:
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--bucket-mb", type=int, default=128)
+    ap.add_argument("--checkpoint-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="dtype of the saved checkpoint (the learner trains in float32 either way)")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--timeout-s", type=float, default=1800)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "memory.json"))
@@ -309,7 +325,7 @@ def main() -> int:
         _rank(json.loads(args.rank_job))
         return 0
     a = {k: getattr(args, k) for k in ("layers", "hidden", "intermediate", "vocab", "heads", "kv_heads", "bucket_mb",
-                                         "ranks", "timeout_s")}
+                                         "ranks", "timeout_s", "checkpoint_dtype")}
     with tempfile.TemporaryDirectory(prefix="async-or1-memory-") as d:
         res = run(a, Path(d))
     out = Path(args.out)
@@ -318,7 +334,8 @@ def main() -> int:
     print(f"memory: {res['model']['parameters'] / 1e6:.0f}M params ({res['model']['mib_fp32']:.0f} MiB fp32), "
           f"{res['ranks']} ranks ZeRO-3, bucket {res['bucket_mb']} MiB: rank 0 peak extra broadcast "
           f"{res['rank0_broadcast_peak_extra_mib']:.0f} MiB, save_hf {res['rank0_save_hf_peak_extra_mib']:.0f} MiB "
-          f"(target {res['target_mib']:.0f}); load anon peak {res['load_peak_anon_extra_mib']} MiB vs states "
+          f"(target {res['target_mib']:.0f}); per rank: model load {res['load_model_peak_anon_extra_mib']} MiB, "
+          f"load with DeepSpeed {res['load_peak_anon_extra_mib']} MiB vs states "
           f"{res['model_states_mib']} MiB; checks {res['checks']}; load {res['loadavg_1min']} -> {out}")
     return 0
 
