@@ -59,9 +59,9 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="avg@k and unbiased pass@k of a model on a data set")
-    p.add_argument("--model", required=True, help="local model path (or 'embedded')")
+    p.add_argument("--model", required=True, help="local model path (or 'embedded', 'embedded-small')")
     p.add_argument("--data", default=None, help="rows: training layout or AIME-style {problem, answer} "
-                                                "(default with --model embedded: its held-out split)")
+                                                "(default with a built-in model: its held-out split)")
     p.add_argument("--k", type=int, default=32, help="samples per problem")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-response-tokens", type=int, default=1024)
@@ -113,6 +113,8 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
 
 def _add_embedded(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embedded", help="build (or rebuild) the embedded tiny model and task")
+    p.add_argument("--small", action="store_true", help="the embedded-small model and task instead "
+                                                       "(configs/cpu-small.yaml)")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.add_argument("--cache-dir", default=None)
 
@@ -245,8 +247,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_embedded(args: argparse.Namespace) -> int:
     from async_or1.embedded import ensure_embedded
 
-    paths = ensure_embedded(args.cache_dir, force=args.force)
-    print(f"embedded model: {paths.model}\ntrain rows: {paths.train}\nheld-out rows: {paths.heldout}")
+    if args.small:
+        from async_or1.embedded.small import ensure_small
+
+        paths = ensure_small(args.cache_dir, force=args.force)
+    else:
+        paths = ensure_embedded(args.cache_dir, force=args.force)
+    print(f"model: {paths.model}\ntrain rows: {paths.train}\nheld-out rows: {paths.heldout}")
     return 0
 
 

@@ -41,7 +41,8 @@ def _f(default: Any, doc: str) -> Any:
 @dataclass
 class ModelConfig:
     path: str = _f("embedded", "Local path of a Hugging Face causal LM (loaded with from_pretrained), or 'embedded' "
-                   "for the tiny model this package builds and caches on first use.")
+                   "for the tiny model this package builds and caches on first use, or 'embedded-small' for the "
+                   "27M-parameter one on the long-tailed count-up task (configs/cpu-small.yaml).")
     tokenizer_path: str = _f("", "Tokenizer path; empty means the model path.")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "Parameter dtype of the learner's master copy "
                                                            "and of the generators' weights.")

@@ -136,14 +136,14 @@ def evaluate_path(model_path: str, eval_files: list, *, k: int, temperature: flo
 def main(model: str, data: str | None, k: int, temperature: float, max_response_tokens: int, out: str | None,
          workers: int, max_problems: int, seed: int) -> int:
     files = [data] if data else []
-    if model == "embedded":
-        from async_or1.embedded import ensure_embedded
+    from async_or1.embedded import BUILTIN_MODELS, ensure_builtin
 
-        paths = ensure_embedded()
+    if model in BUILTIN_MODELS:
+        paths = ensure_builtin(model)
         model = str(paths.model)
         files = files or [str(paths.heldout)]
     if not files:
-        raise SystemExit("eval: --data is required unless --model embedded")
+        raise SystemExit(f"eval: --data is required unless --model is one of {', '.join(BUILTIN_MODELS)}")
     out_dir = Path(out) if out else Path("runs") / "eval" / Path(model).name
     res = evaluate_path(model, files, k=k, temperature=temperature, max_response_tokens=max_response_tokens,
                         max_problems=max_problems, workers=workers, seed=seed, out_dir=out_dir)

@@ -68,10 +68,10 @@ def resolve_inputs(cfg: Any) -> dict:
     """Model, tokenizer and data paths; the embedded default is built (once) here."""
     model = cfg.model.path
     train_files, eval_files = list(cfg.data.train_files), list(cfg.data.eval_files)
-    if model == "embedded":
-        from async_or1.embedded import ensure_embedded
+    from async_or1.embedded import BUILTIN_MODELS, ensure_builtin
 
-        paths = ensure_embedded()
+    if model in BUILTIN_MODELS:
+        paths = ensure_builtin(model)
         model = str(paths.model)
         train_files = train_files or [str(paths.train)]
         eval_files = eval_files or [str(paths.heldout)]

@@ -53,7 +53,7 @@ def _file_hashes(root: Path) -> dict[str, str]:
     return {str(f.relative_to(root)): _sha256(f) for f in sorted(root.rglob("*")) if f.is_file() and f.name != STAMP}
 
 
-def is_complete(root: Path, params_json: dict) -> tuple[bool, str]:
+def is_complete(root: Path, params_json: dict, version: str = VERSION) -> tuple[bool, str]:
     """(complete, why not). Complete = stamp of this version and params, every file present and unchanged."""
     stamp_path = root / STAMP
     if not stamp_path.is_file():
@@ -62,8 +62,8 @@ def is_complete(root: Path, params_json: dict) -> tuple[bool, str]:
         stamp = json.loads(stamp_path.read_text())
     except (OSError, json.JSONDecodeError):
         return False, "unreadable stamp"
-    if stamp.get("version") != VERSION:
-        return False, f"version {stamp.get('version')!r} != {VERSION!r}"
+    if stamp.get("version") != version:
+        return False, f"version {stamp.get('version')!r} != {version!r}"
     if stamp.get("params") != params_json:
         return False, "built with other parameters"
     files = stamp.get("files") or {}
@@ -100,43 +100,61 @@ class _Lock:
         self.f.close()
 
 
+BUILTIN_MODELS = ("embedded", "embedded-small")   # model.path values this package builds itself
+
+
+def ensure_builtin(name: str) -> EmbeddedPaths:
+    """The cached build behind a ``model.path`` of ``BUILTIN_MODELS``, built on first use."""
+    if name == "embedded":
+        return ensure_embedded()
+    if name == "embedded-small":
+        from async_or1.embedded.small import ensure_small
+
+        return ensure_small()
+    raise ValueError(f"no built-in model {name!r} (known: {', '.join(BUILTIN_MODELS)})")
+
+
 def ensure_embedded(cache_dir: str | Path | None = None, force: bool = False, params=None,
                     log: Callable[[str], None] = print) -> EmbeddedPaths:
     """The embedded model and task, built (once) if needed. ``params``: a build.BuildParams
     (tests pass a smaller one); the default build is what every other command expects."""
-    from async_or1.embedded.build import BuildParams
+    from async_or1.embedded.build import BuildParams, build
 
-    params = params or BuildParams()
+    return ensure_built(VERSION, params or BuildParams(), build, cache_dir, force, log)
+
+
+def ensure_built(version: str, params, build: Callable, cache_dir: str | Path | None = None, force: bool = False,
+                 log: Callable[[str], None] = print) -> EmbeddedPaths:
+    """``<cache>/<version>``, built by ``build(dir, params, log) -> report`` unless a complete build
+    of these params is there: in a temporary directory, under a file lock, renamed into place."""
     params_json = json.loads(json.dumps(params.to_json()))
     parent = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    root = parent / VERSION
-    ok, why = (False, "forced") if force else is_complete(root, params_json)
+    root = parent / version
+    ok, why = (False, "forced") if force else is_complete(root, params_json, version)
     if ok:
         return paths_of(root)
-    with _Lock(parent / f".{VERSION}.lock"):
+    with _Lock(parent / f".{version}.lock"):
         if not force:                       # another process may have built it while we waited
-            ok, why = is_complete(root, params_json)
+            ok, why = is_complete(root, params_json, version)
             if ok:
                 return paths_of(root)
-        log(f"[embedded] building the tiny model and task into {root} ({why}); this runs once")
-        tmp = parent / f".{VERSION}.tmp-{os.getpid()}"
+        log(f"[{version}] building the model and task into {root} ({why}); this runs once")
+        tmp = parent / f".{version}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            from async_or1.embedded.build import build
-
             report = build(tmp, params, log)
-            stamp = {"version": VERSION, "params": params_json, "files": _file_hashes(tmp), "report": report,
+            stamp = {"version": version, "params": params_json, "files": _file_hashes(tmp), "report": report,
                      "built_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
             (tmp / STAMP).write_text(json.dumps(stamp, indent=1))
             if root.exists():
-                old = parent / f".{VERSION}.old-{os.getpid()}"
+                old = parent / f".{version}.old-{os.getpid()}"
                 root.rename(old)
                 shutil.rmtree(old, ignore_errors=True)
             tmp.rename(root)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    log(f"[embedded] done in {report['seconds']:.0f}s: held-out accuracy {report['heldout_accuracy_t1']:.2f} "
+    log(f"[{version}] done in {report['seconds']:.0f}s: held-out accuracy {report['heldout_accuracy_t1']:.2f} "
         f"at temperature 1")
     return paths_of(root)
 

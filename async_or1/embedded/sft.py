@@ -65,8 +65,10 @@ def accuracy(model: Any, tok: Any, prompts: list[list[int]], golds: list[str], *
 
 def train_sft(model: Any, tok: Any, encode: Callable[[task.ArithProblem], list[int]],
               draw: Callable[[random.Random], task.ArithProblem], heldout: list[task.ArithProblem],
-              params: SFTParams, seed: int, log: Callable[[str], None] = print) -> dict:
-    """Train in place; returns a report {steps, curve: [(step, heldout_acc)], final_accuracy, seconds}."""
+              params: SFTParams, seed: int, log: Callable[[str], None] = print,
+              solution: Callable[[Any, random.Random, float], str] = task.worked_solution) -> dict:
+    """Train in place; returns a report {steps, curve: [(step, heldout_acc)], final_accuracy, seconds}.
+    ``solution(problem, rng, noise)`` writes the teacher's response after ``<think>\\n``."""
     import torch
 
     torch.manual_seed(seed)
@@ -86,7 +88,7 @@ def train_sft(model: Any, tok: Any, encode: Callable[[task.ArithProblem], list[i
         batch = []
         for _ in range(params.batch_size):
             p = draw(data_rng)
-            batch.append(encode_example(tok, encode(p), task.worked_solution(p, noise_rng, params.noise)))
+            batch.append(encode_example(tok, encode(p), solution(p, noise_rng, params.noise)))
         ids, labels = collate(batch, tok.pad_token_id)
         frac = step / params.max_steps
         lr = params.lr * min(1.0, step / max(1, params.warmup_steps))
