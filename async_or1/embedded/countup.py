@@ -79,15 +79,11 @@ def worked_solution(p: CountUpProblem, rng: random.Random | None = None, noise: 
 def make_problems(seed: int, count: int, min_adds: int, max_adds: int, exclude: set[str] | None = None,
                   **kw) -> list[CountUpProblem]:
     """``count`` distinct problems (by text), none of whose text is in ``exclude``."""
+    from async_or1.embedded.task import distinct
+
     rng = random.Random(seed)
-    seen = set(exclude or ())
-    out: list[CountUpProblem] = []
-    while len(out) < count:
-        p = sample_problem(rng, min_adds, max_adds, **kw)
-        if p.text() not in seen:
-            seen.add(p.text())
-            out.append(p)
-    return out
+    return distinct(lambda: sample_problem(rng, min_adds, max_adds, **kw), count, exclude,
+                    f"{min_adds}..{max_adds} additions")
 
 
 def to_row(p: CountUpProblem, index: int, split: str) -> dict:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
+from typing import Any, Callable
 
 OPS = ("add", "subtract", "multiply")
 _WORD = {"add": "add {n}", "subtract": "subtract {n}", "multiply": "multiply by {n}"}
@@ -133,14 +134,20 @@ def make_problems(seed: int, count: int, min_steps: int, max_steps: int, exclude
                   **kw) -> list[ArithProblem]:
     """``count`` distinct problems (by text), none of whose text is in ``exclude``."""
     rng = random.Random(seed)
+    return distinct(lambda: sample_problem(rng, sample_steps(rng, min_steps, max_steps), **kw), count, exclude,
+                    f"steps {min_steps}..{max_steps}")
+
+
+def distinct(draw: Callable[[], Any], count: int, exclude: set[str] | None = None, what: str = "") -> list:
+    """``count`` problems from ``draw()`` with distinct ``text()``, none of them in ``exclude``."""
     seen = set(exclude or ())
-    out: list[ArithProblem] = []
+    out: list = []
     tries = 0
     while len(out) < count:
         tries += 1
         if tries > 50 * count + 1000:
-            raise RuntimeError(f"cannot draw {count} distinct problems with steps {min_steps}..{max_steps}")
-        p = sample_problem(rng, sample_steps(rng, min_steps, max_steps), **kw)
+            raise RuntimeError(f"cannot draw {count} distinct problems ({what})")
+        p = draw()
         t = p.text()
         if t in seen:
             continue
