@@ -295,8 +295,8 @@ def _two_ranks_match_one_rank(reference, tmp_path, zeros: list, tasks: list) -> 
         assert _bits_equal(received, last["params"]), "the receiver's weights differ from the learner's"
 
 
-def test_two_ranks_zero0_and_zero2_match_one_rank_and_broadcast_bit_exact(reference, tmp_path):
-    _two_ranks_match_one_rank(reference, tmp_path, zeros=[0, 2], tasks=["broadcast"])
+def test_two_ranks_zero0_and_zero2_match_one_rank_broadcast_and_save_bit_exact(reference, tmp_path):
+    _two_ranks_match_one_rank(reference, tmp_path, zeros=[0, 2], tasks=["broadcast", "hf"])
 
 
 @pytest.mark.slow

@@ -134,9 +134,8 @@ def save_hf(model: torch.nn.Module, path: str | os.PathLike, *, zero_stage: int,
         _check_checkpoint_layout(model, specs)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    groups = [len(g) for g in _groups(list(model.named_parameters()), bucket_bytes)]
-    files = ["model.safetensors"] if len(groups) == 1 else \
-        [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))]
+    n = sum(1 for _ in _groups(list(model.named_parameters()), bucket_bytes))
+    files = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
     weight_map: dict[str, str] = {}
     for k, group in enumerate(_gathered_groups(model, zero_stage, rank, bucket_bytes)):
         if rank == 0:
@@ -166,13 +165,14 @@ def save_hf(model: torch.nn.Module, path: str | os.PathLike, *, zero_stage: int,
 def _write_shard(file: Path, group: list[tuple[str, torch.Tensor]]) -> None:
     from safetensors.torch import save_file
 
-    # safetensors refuses tensors that share storage; ZeRO 1-2 keep parameters as views of one
-    # flat buffer, so those (only those) are copied, one shard at a time.
+    # safetensors writes from host memory and refuses tensors that share storage; ZeRO 1-2 keep
+    # parameters as views of one flat buffer, so those (only those) are copied, one shard at a time.
+    host = [(n, t.detach().to("cpu")) for n, t in group]
     owners: dict[int, int] = {}
-    for _, t in group:
+    for _, t in host:
         ptr = t.untyped_storage().data_ptr()
         owners[ptr] = owners.get(ptr, 0) + 1
-    shard = {n: (t.clone() if owners[t.untyped_storage().data_ptr()] > 1 else t).contiguous() for n, t in group}
+    shard = {n: (t.clone() if owners[t.untyped_storage().data_ptr()] > 1 else t).contiguous() for n, t in host}
     save_file(shard, str(file), metadata={"format": "pt"})
 
 
