@@ -20,10 +20,16 @@ glibc keeps freed heap memory for reuse, which would hide a phase's allocations 
 starts with; the ranks run with MALLOC_MMAP_THRESHOLD_=65536, so every block of 64 KiB or more is
 its own mapping, returned when freed, and RSS follows the live tensors.
 
+Phase ``load_model`` is the start of ``load`` up to the call of ``deepspeed.initialize``: the model
+as loaded, before DeepSpeed adds its buffers (its ``end_anon_extra_mib`` is what a rank holds of the
+model). ``--checkpoint-dtype bfloat16`` saves the checkpoint in bf16 (trained in fp32), the case in
+which a plain ``from_pretrained`` converts, and so holds, the whole model on every rank.
+
 Targets (issue #14): rank 0's peak extra during a broadcast and during save_hf <= 2 x bucket + 10%;
-each rank's anonymous peak at load <= its model states + one bucket (+10%), where "model states" is
-what the rank holds after the first optimizer step (partitioned weights, fp32 copy, gradients,
-Adam moments). Writes bench/results/memory.json (or --out) and prints one line.
+each rank holds its partition after loading; each rank's anonymous peak at load <= its model states
++ one bucket (+10%), where "model states" is what the rank holds after the first optimizer step
+(partitioned weights, fp32 copy, gradients, Adam moments). Writes bench/results/memory.json (or
+--out) and prints one line.
 """
 
 from __future__ import annotations
