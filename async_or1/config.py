@@ -179,7 +179,10 @@ class TransportConfig:
                                  "dropped (senders block on the kernel buffer instead).")
     max_message_mb: int = _f(1024, "Frames larger than this are rejected and counted.")
     heartbeat_s: float = _f(5.0, "Generator heartbeat period.")
-    generator_timeout_s: float = _f(60.0, "A generator silent this long is declared dead and its leases re-issued.")
+    generator_timeout_s: float = _f(60.0, "A generator silent this long is declared dead and its leases re-issued "
+                                          "(one whose connection closes is declared lost at once).")
+    lease_retry_s: float = _f(10.0, "A generator repeats a LeaseRequest still unanswered after this long (a request "
+                                    "can be lost when the learner restarts); repeats replace, never add.")
 
 
 @dataclass

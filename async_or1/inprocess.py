@@ -53,6 +53,7 @@ def run_inprocess(cfg: Any, spec: dict, resume: bool = False) -> int:
                                 top_k=cfg.algo.top_k, prompts_per_lease=cfg.generation.prompts_per_lease,
                                 weight_update=cfg.generation.weight_update, heartbeat_s=cfg.transport.heartbeat_s,
                                 seed=cfg.generation.seed, fingerprint=cfg.log.weight_fingerprints,
+                                lease_retry_s=cfg.transport.lease_retry_s,
                                 stop_token_ids=stop_token_ids(tokenizer, spec["model_path"]),
                                 receive_weights=lambda u: engine.load_state(store.get(u.version), u.version)).run()
         except BaseException as e:  # reported after the learner returns

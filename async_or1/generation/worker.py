@@ -31,6 +31,8 @@ from typing import Any, Callable
 
 log = logging.getLogger("async_or1.generator")
 
+EXIT_STOPPED = 3  # the loop ended without a Shutdown from the learner (signal, lost learner)
+
 
 def unsent_by_lease(open_prompts: dict, leases: list) -> dict[int, list[str]]:
     """{lease_id: prompt ids} of every prompt held and not sent: the open ones (``{prompt_id:
@@ -55,7 +57,7 @@ class GeneratorWorker:
                  weight_update: str = "in_flight", heartbeat_s: float = 5.0, seed: int = 0,
                  receive_weights: Callable[[Any], None] | None = None,
                  join_weight_group: Callable[[Any], None] | None = None, fingerprint: bool = False,
-                 stop_token_ids: list[int] | None = None) -> None:
+                 stop_token_ids: list[int] | None = None, lease_retry_s: float = 10.0) -> None:
         from async_or1.timing import Phases
 
         self.gid = generator_id
@@ -80,6 +82,11 @@ class GeneratorWorker:
         self.groups_sent = 0
         self.tokens_generated = 0
         self.weight_group_epoch = 0
+        self.weight_failures = 0     # failed joins/receives survived
+        self.torn = False            # a receive failed part-way: no sampling until the next whole update
+        self.exit_reason = ""        # "shutdown" (told to stop: a clean exit) or why the loop ended
+        self.lease_retry_s = lease_retry_s
+        self._asked_at = 0.0
         self.fingerprint = fingerprint
         eos = getattr(tokenizer, "eos_token_id", None)
         self.stop_ids = list(stop_token_ids) if stop_token_ids else ([eos] if eos is not None else [])
@@ -98,23 +105,58 @@ class GeneratorWorker:
             else:
                 self._load_weights(msg)
         elif isinstance(msg, m.WeightGroupInit):
-            if self.join_weight_group is None:
-                raise RuntimeError("WeightGroupInit received but this worker has no weight group")
-            with self.phases("weights"):
-                self.join_weight_group(msg)
-            self.weight_group_epoch = msg.epoch
+            self._join(msg)
         elif isinstance(msg, m.PromptLease):
+            if msg.incarnation and msg.incarnation != self.incarnation:
+                # Answers a request of the process this one replaced (same identity): the learner
+                # re-issues those prompts when it sees this incarnation, so taking them would
+                # sample them twice.
+                log.warning("gen %d: ignoring lease %d addressed to incarnation %s", self.gid, msg.lease_id,
+                            msg.incarnation)
+                return
             self._leases.append(msg)
             self._asked = False
         elif isinstance(msg, m.Shutdown):
             log.info("gen %d: shutdown (%s)", self.gid, msg.reason)
             self.stopping = True
+            self.exit_reason = "shutdown"
         else:
             log.warning("gen %d: unexpected message %s", self.gid, type(msg).__name__)
 
+    def _join(self, msg: Any) -> None:
+        """Join weight group epoch ``msg.epoch``. A failed join (a member died during the rendezvous)
+        is survivable: the learner re-forms the group as a later epoch, which this process joins."""
+        if self.join_weight_group is None:
+            raise RuntimeError("WeightGroupInit received but this worker has no weight group")
+        try:
+            with self.phases("weights"):
+                self.join_weight_group(msg)
+        except Exception as e:
+            log.error("gen %d: joining weight group epoch %d failed (%s); waiting for the next epoch",
+                      self.gid, msg.epoch, e)
+            self.weight_group_epoch = -1
+            return
+        self.weight_group_epoch = msg.epoch
+
     def _load_weights(self, update: Any) -> None:
-        with self.phases("weights"):
-            self.receive_weights(update)
+        try:
+            with self.phases("weights"):
+                self.receive_weights(update)
+        except Exception as e:
+            # The collective failed (a peer died, or the learner gave up on this epoch). What landed
+            # before the failure may mix two policies, so nothing more is sampled on these weights:
+            # the running batch is aborted and returned, and leases wait for the next whole update,
+            # which comes on a re-formed group (a later epoch).
+            log.error("gen %d: weight update v%d failed (%s): weights torn until the next update; open "
+                      "prompts are returned", self.gid, update.version, e)
+            self.torn = True
+            if self.join_weight_group is not None:
+                self.weight_group_epoch = -1  # this epoch's group is broken: only a re-formed one counts
+            self.weight_failures += 1
+            if self._generating and hasattr(self.engine, "abort"):
+                self.engine.abort()
+            return
+        self.torn = False
         log.debug("gen %d: now at version %d", self.gid, update.version)
         if self.fingerprint:
             from async_or1.weights.fingerprint import weights_fingerprint
@@ -153,24 +195,29 @@ class GeneratorWorker:
         twice just queues here)."""
         from async_or1.transport import messages as m
 
-        if (again or not self._asked) and not self._leases:
-            self.endpoint.send(m.LeaseRequest(generator_id=self.gid, max_prompts=self.prompts_per_lease))
-            self._asked = True
+        # An unanswered request is repeated after lease_retry_s: a request can be lost (the learner
+        # restarted, or our identity's route was replaced), and the learner keeps one per generator.
+        overdue = self._asked and time.perf_counter() - self._asked_at > self.lease_retry_s
+        if (again or overdue or not self._asked) and not self._leases:
+            self.endpoint.send(m.LeaseRequest(generator_id=self.gid, max_prompts=self.prompts_per_lease,
+                                              incarnation=self.incarnation))
+            self._asked, self._asked_at = True, time.perf_counter()
 
     def lease(self) -> Any | None:
         """Ask for prompts and wait (idle) until they come and our weights are recent enough."""
         with self.phases("idle"):
             self._ask(again=True)
-            self._last_heartbeat = 0.0  # the learner learns our incarnation with the first request
-            self._maybe_heartbeat()
             while not self._leases and not self.stopping:
                 self.poll(0.05)
+                self._ask()
             lease = self._leases.pop(0) if self._leases else None
             if lease is None or lease.done:
+                if lease is not None:
+                    self.exit_reason = "shutdown"
                 return None
             # The learner wants these prompts sampled by weights at least this new (on-policy: exactly
             # the version being trained next); the broadcast that brings them is already on its way.
-            while self.engine.version < lease.min_version and not self.stopping:
+            while (self.engine.version < lease.min_version or self.torn) and not self.stopping:
                 self.poll(0.05)
         if self.stopping:
             self._leases.insert(0, lease)
@@ -195,11 +242,12 @@ class GeneratorWorker:
     def _more(self) -> list:
         """Continuous leasing: ask ahead while at most one lease's worth of prompts is open, and
         start a granted lease as soon as our weights reach its min_version."""
-        if self.stopping or (self._pending_weights and not self.in_flight):
-            return []  # let the batch drain: shut down, or load the waiting weights between requests
+        if self.stopping or self.torn or (self._pending_weights and not self.in_flight):
+            return []  # let the batch drain: shut down, torn weights, or load the waiting ones between requests
         if len(self._open) <= self.prompts_per_lease:
             self._ask()
-        if self._leases and not self._leases[0].done and self.engine.version >= self._leases[0].min_version:
+        if (self._leases and not self._leases[0].done and self.engine.version >= self._leases[0].min_version
+                and not self.torn):
             return self._start(self._leases.pop(0))
         return []
 
@@ -240,9 +288,9 @@ class GeneratorWorker:
             self._load_weights(update)
         self._pending_weights.clear()
         if self.stopping or self._open:
+            # Stopped, or aborted because the weights tore: what is unsent goes back for re-issue.
             self._return_all()
-            return False
-        return True
+        return not self.stopping
 
     def score(self, prompt: Any, results: list) -> list:
         from async_or1.data.filter_cli import response_text
@@ -281,14 +329,19 @@ class GeneratorWorker:
         self._leases = [lease for lease in self._leases if lease.done]
 
     # ---- the loop ------------------------------------------------------------------
-    def run(self) -> None:
+    def run(self) -> str:
+        """The loop; returns why it ended: "shutdown" (the learner said so: a clean exit) or
+        "signal" (stopped from outside, e.g. SIGTERM: the launcher restarts such a generator)."""
+        self._maybe_heartbeat()              # first: the learner learns our incarnation before any request
         while not self.stopping:
             lease = self.lease()             # idle until prompts (and recent enough weights) arrive
             if lease is None or not self.generate(lease):  # generate → score → send, group by group
                 break
         self._last_heartbeat = 0.0
         self._maybe_heartbeat()
-        log.info("gen %d: stopped after %d groups", self.gid, self.groups_sent)
+        self.exit_reason = self.exit_reason or "signal"
+        log.info("gen %d: stopped (%s) after %d groups", self.gid, self.exit_reason, self.groups_sent)
+        return self.exit_reason
 
 
 # ---------------------------------------------------------------------------
@@ -353,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                                  weight_update=cfg.generation.weight_update, heartbeat_s=cfg.transport.heartbeat_s,
                                  seed=cfg.generation.seed, join_weight_group=join,
                                  fingerprint=cfg.log.weight_fingerprints and cfg.generation.engine == "torch",
-                                 stop_token_ids=stop_ids)
+                                 stop_token_ids=stop_ids, lease_retry_s=cfg.transport.lease_retry_s)
 
         def on_sigterm(signum: int, frame: Any) -> None:
             worker.stopping = True
@@ -361,10 +414,11 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, on_sigterm)
         # The first weight group is announced by the learner like any later one (epoch ≥ 1), so a
         # restarted generator joins exactly the way the first one did.
-        worker.run()
+        reason = worker.run()
     endpoint.close()
     engine.close()
-    return 0
+    # Only a Shutdown from the learner is a clean end; anything else is a failure the launcher restarts.
+    return 0 if reason == "shutdown" else EXIT_STOPPED
 
 
 if __name__ == "__main__":

@@ -57,7 +57,14 @@ class Controller:
         self.leases: dict[int, dict] = {}     # lease_id -> {"peer", "prompt_ids": set}
         self.uid_of: dict[str, str] = {}      # prompt_id -> problem uid
         self.gens: dict[int, dict] = {}       # generator_id -> {"peer", "incarnation", "last_seen", "idle_s", "wall_s"}
-        self.lost_generators = 0
+        self.lost_generators = 0              # restarts + deaths (each one re-issues what it held)
+        self.restarts = 0                     # new incarnations seen
+        self.reissued_lost = 0                # prompts re-issued because their generator was lost
+        self.recoveries: list[dict] = []      # {generator_id, seconds}: lost → speaking again
+        # Bumped whenever the set of live generator processes changes (one joins, restarts, dies):
+        # the weight group compares it with the value it was formed at and re-forms before its next
+        # broadcast, instead of learning about a dead member from a failed send.
+        self.membership = 0
         self._idle_mark: dict[int, tuple[float, float]] = {}
         self.received_fingerprints: dict[int, dict[int, str]] = {}  # generator_id -> {version: sha1}
         self._lease_sizes: list[int] = []     # prompts per lease granted since take_lease_sizes()
@@ -92,7 +99,12 @@ class Controller:
 
     def alive_generators(self) -> dict[int, dict]:
         with self.lock:
-            return {g: dict(v) for g, v in self.gens.items() if v.get("alive", True)}
+            return {g: dict(v) for g, v in self.gens.items() if v["alive"]}
+
+    def members(self) -> tuple[int, list[int]]:
+        """(membership counter, ids of the live generators), read together."""
+        with self.lock:
+            return self.membership, sorted(g for g, v in self.gens.items() if v["alive"])
 
     def wait_for_generators(self, timeout_s: float) -> dict[int, dict]:
         deadline = self.clock.monotonic() + timeout_s
@@ -176,10 +188,14 @@ class Controller:
 
     def _dispatch(self, peer: str, msg: Any) -> None:
         from async_or1.transport import messages as m
+        from async_or1.transport.base import PeerLeft
 
+        if isinstance(msg, PeerLeft):
+            self._on_peer_left(peer)
+            return
         gid = getattr(msg, "generator_id", None)
-        if gid is not None:
-            self._seen(int(gid), peer, msg)
+        if gid is not None and not self._seen(int(gid), peer, msg):
+            return  # from a retired incarnation: its leases were re-issued already
         if isinstance(msg, m.LeaseRequest):
             self.pending[peer] = msg
         elif isinstance(msg, m.RolloutGroup):
@@ -189,42 +205,70 @@ class Controller:
         elif not isinstance(msg, m.Heartbeat):
             log.warning("controller: unexpected %s from %s", type(msg).__name__, peer)
 
-    def _seen(self, gid: int, peer: str, msg: Any) -> None:
+    def _seen(self, gid: int, peer: str, msg: Any) -> bool:
+        """Record that ``gid`` spoke. A message naming a new incarnation (a restarted process; its
+        first LeaseRequest or Heartbeat, whichever comes first) retires the old one before the
+        message is handled, so a new incarnation's request is never dropped with the old one's
+        leases. False for a message of a retired incarnation (to be ignored)."""
         from async_or1.transport import messages as m
 
         now = self.clock.monotonic()
+        inc = msg.stats.get("incarnation") if isinstance(msg, m.Heartbeat) else getattr(msg, "incarnation", None)
         with self.lock:
-            g = self.gens.setdefault(gid, {"peer": peer, "incarnation": None, "idle_s": 0.0, "wall_s": 0.0})
+            g = self.gens.setdefault(gid, {"peer": peer, "incarnation": None, "idle_s": 0.0, "wall_s": 0.0,
+                                           "alive": False, "retired": set()})
+            if inc and inc in g["retired"]:
+                return False
+            if inc and g["incarnation"] is not None and inc != g["incarnation"]:
+                g["retired"].add(g["incarnation"])
+                log.warning("generator %d restarted (incarnation %s → %s): its leases are re-issued",
+                            gid, g["incarnation"], inc)
+                if g["alive"]:
+                    self._lose_generator(gid)
+                old_req = self.pending.get(g["peer"])
+                if old_req is not None and old_req.incarnation and old_req.incarnation != inc:
+                    del self.pending[g["peer"]]  # the old process's request: nobody would take the lease
+                self._idle_mark.pop(gid, None)
+                g["idle_s"] = g["wall_s"] = 0.0
+                self.restarts += 1
+            if inc:
+                g["incarnation"] = inc
             g["last_seen"], g["peer"] = now, peer
             if isinstance(msg, m.Heartbeat):
-                inc = msg.stats.get("incarnation")
-                if inc in g.setdefault("retired", set()):
-                    return  # a zombie of an earlier incarnation: its leases are already re-issued
-                if g["incarnation"] is not None and inc != g["incarnation"]:
-                    g["retired"].add(g["incarnation"])
-                    log.warning("generator %d restarted (incarnation %s → %s): its leases are re-issued",
-                                gid, g["incarnation"], inc)
-                    self._lose_generator(gid)
-                    self._idle_mark.pop(gid, None)
-                g["incarnation"] = inc
                 g["idle_s"], g["wall_s"] = float(msg.stats.get("idle_s", 0.0)), float(msg.stats.get("wall_s", 0.0))
                 g["version"] = msg.version
                 if "weights_fp" in msg.stats:
                     self.received_fingerprints.setdefault(gid, {})[int(msg.stats["weights_version"])] = \
                         msg.stats["weights_fp"]
-            if not g.get("alive", True):
-                log.warning("generator %d is back", gid)
-            g["alive"] = True
+            if not g["alive"]:
+                if g.get("lost_at") is not None:
+                    log.warning("generator %d is back after %.1f s", gid, now - g["lost_at"])
+                    self.recoveries.append({"generator_id": gid, "seconds": round(now - g["lost_at"], 3)})
+                g["alive"], g["lost_at"] = True, None
+                self.membership += 1
+        return True
+
+    def _on_peer_left(self, peer: str) -> None:
+        with self.lock:
+            for gid, g in self.gens.items():
+                if g["peer"] == peer and g["alive"]:
+                    log.error("generator %d disconnected: declared lost, its leases are re-issued", gid)
+                    self._declare_dead(gid, g)
 
     def _reap_silent(self) -> None:
         now = self.clock.monotonic()
         with self.lock:
             for gid, g in self.gens.items():
-                if g.get("alive", True) and now - g["last_seen"] > self.generator_timeout_s:
+                if g["alive"] and now - g["last_seen"] > self.generator_timeout_s:
                     log.error("generator %d silent for %.0f s: declared dead, its leases are re-issued",
                               gid, now - g["last_seen"])
-                    g["alive"] = False
-                    self._lose_generator(gid)
+                    self._declare_dead(gid, g)
+
+    def _declare_dead(self, gid: int, g: dict) -> None:
+        """Caller holds the lock. A request it left pending is dropped: nobody is there to take it."""
+        g["alive"], g["lost_at"] = False, self.clock.monotonic()
+        self.pending.pop(g["peer"], None)
+        self._lose_generator(gid)
 
     def outstanding_uids(self) -> list[str]:
         """Caller holds the lock. Problems whose groups are queued or still being generated: a
@@ -233,10 +277,11 @@ class Controller:
         return [uid_of_prompt_id(pid) for pid in self.buffer.outstanding_prompt_ids()]
 
     def _lose_generator(self, gid: int) -> None:
-        """Caller holds the lock. Every prompt the generator still held goes back to the source."""
+        """Caller holds the lock. Every prompt the generator still held goes back to the source, and
+        the weight group learns (``membership``) that it must be re-formed before the next broadcast.
+        A request pending from this peer stays: after a restart it is the new incarnation's."""
         self.lost_generators += 1
-        peer = self.gens[gid]["peer"]
-        self.pending.pop(peer, None)
+        self.membership += 1
         lost = []
         for lease_id, lease in list(self.leases.items()):
             if lease["generator_id"] == gid:
@@ -245,6 +290,7 @@ class Controller:
         if lost:
             self.buffer.on_lost(lost)
             self.source.reissue([self.uid_of.pop(p) for p in lost])
+            self.reissued_lost += len(lost)
 
     def _reclaim(self, prompt_ids: list, returned: bool) -> None:
         with self.lock:
@@ -279,7 +325,8 @@ class Controller:
         with self.lock:
             for peer, req in list(self.pending.items()):
                 if self.done:
-                    self.endpoint.send(peer, m.PromptLease(lease_id=0, prompts=[], min_version=0, done=True))
+                    self.endpoint.send(peer, m.PromptLease(lease_id=0, prompts=[], min_version=0, done=True,
+                                                           incarnation=req.incarnation))
                     del self.pending[peer]
                     continue
                 if not self.leasing_open:
@@ -320,7 +367,8 @@ class Controller:
                 self.leases[lease_id] = {"generator_id": req.generator_id,
                                          "prompt_ids": {p.prompt_id for p in prompts}}
                 need = max(self.broadcast_version, step - eta)
-                self.endpoint.send(peer, m.PromptLease(lease_id=lease_id, prompts=prompts, min_version=need))
+                self.endpoint.send(peer, m.PromptLease(lease_id=lease_id, prompts=prompts, min_version=need,
+                                                       incarnation=req.incarnation))
                 self._lease_sizes.append(len(prompts))
                 del self.pending[peer]
 

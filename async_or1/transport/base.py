@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -22,7 +23,8 @@ class LearnerEndpoint(Protocol):
     """Learner rank 0's end: many generators talk to it."""
 
     def recv(self, timeout_s: float | None = None) -> tuple[str, Any] | None:
-        """Next valid message as (peer id, message), or None on timeout.
+        """Next valid message as (peer id, message), or None on timeout. ``PeerLeft`` reports a
+        peer whose connection closed.
 
         Malformed, oversized or wrong-schema frames are rejected, counted in ``stats`` and
         logged with their sender; they never raise here."""
@@ -56,6 +58,15 @@ class GeneratorEndpoint(Protocol):
     def stats(self) -> dict[str, int]: ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class PeerLeft:
+    """Not a wire message: what ``LearnerEndpoint.recv`` returns, as ``(peer, PeerLeft(peer))``, when
+    the connection a peer last spoke on closes (its process died, or the network dropped it). A
+    restarted peer on a new connection is not reported when its old connection closes later."""
+
+    peer: str
 
 
 # ---- shared by the implementations ------------------------------------------------------

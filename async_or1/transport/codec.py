@@ -43,8 +43,9 @@ _I32, _F32 = ("nd", "<i4"), ("nd", "<f4")
 _SPECS: dict[type, dict[str, Any]] = {
     Prompt: {"prompt_id": "str", "token_ids": _I32, "ability": "str", "ground_truth": "json", "stage": "int",
              "samples_per_prompt": "int", "max_response_tokens": "int"},
-    LeaseRequest: {"generator_id": "int", "max_prompts": "int"},
-    PromptLease: {"lease_id": "int", "prompts": ("list", ("msg", Prompt)), "min_version": "int", "done": "bool"},
+    LeaseRequest: {"generator_id": "int", "max_prompts": "int", "incarnation": "str"},
+    PromptLease: {"lease_id": "int", "prompts": ("list", ("msg", Prompt)), "min_version": "int", "done": "bool",
+                  "incarnation": "str"},
     ReturnLease: {"generator_id": "int", "lease_id": "int", "prompt_ids": ("list", "str")},
     Sample: {"tokens": _I32, "logprobs": _F32, "versions": _I32, "finish_reason": "str", "reward": "float",
              "reward_details": "json"},

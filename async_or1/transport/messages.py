@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 2  # 2: arrays moved out of msgpack into the frame's payload
+SCHEMA_VERSION = 3  # 2: arrays moved out of msgpack into the frame's payload; 3: lease incarnations
 
 
 class WireError(ValueError):
@@ -48,6 +48,7 @@ class Prompt:
 class LeaseRequest:
     generator_id: int
     max_prompts: int
+    incarnation: str = ""     # the asking process (pid-time): a restart is seen on its first request
 
 
 @dataclass
@@ -58,6 +59,7 @@ class PromptLease:
     prompts: list             # list[Prompt]
     min_version: int          # generator must hold weights of at least this version before sampling
     done: bool = False        # the schedule is finished: stop asking
+    incarnation: str = ""     # the process whose request this answers; another incarnation ignores it
 
 
 @dataclass
