@@ -119,13 +119,21 @@ def _add_embedded(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", default=None)
 
 
+def _add_keys(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("keys", help="make a run's CURVE keys ahead of time (multi-node --role runs)",
+                       description="Key pairs for the learner and each generator, secrets mode 0600. Copy the "
+                                   "directory to every node and set transport.keys_dir to it.")
+    p.add_argument("--dir", required=True, help="directory to write (replaces keys already there)")
+    p.add_argument("--generators", type=int, required=True, help="generation.num_generators of the run")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="async-or1",
         description="Asynchronous actor-learner RL for long chain-of-thought reasoning (Skywork-OR1 MAGIC).")
     sub = parser.add_subparsers(dest="cmd", required=True)
     for add in (_add_train, _add_config, _add_reward, _add_data, _add_eval, _add_plot, _add_bench, _add_simulate,
-                _add_embedded):
+                _add_embedded, _add_keys):
         add(sub)
     return parser
 
@@ -257,8 +265,17 @@ def cmd_embedded(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from async_or1.transport.keys import make_keys
+
+    d = make_keys(args.dir, args.generators)
+    print(f"CURVE keys for the learner and {args.generators} generator(s) in {d}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "config": cmd_config, "reward": cmd_reward, "data": cmd_data, "eval": cmd_eval,
-            "plot": cmd_plot, "bench": cmd_bench, "simulate": cmd_simulate, "embedded": cmd_embedded}
+            "plot": cmd_plot, "bench": cmd_bench, "simulate": cmd_simulate, "embedded": cmd_embedded,
+            "keys": cmd_keys}
 
 
 def main(argv: list[str] | None = None) -> int:

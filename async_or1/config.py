@@ -154,7 +154,11 @@ class LearnerConfig:
     broadcast_every_steps: int = _f(1, "Broadcast weights to generators every N optimizer steps.")
     bucket_mb: int = _f(256, "Weight broadcast bucket size in MiB.")
     checkpoint_every_steps: int = _f(0, "Save a resumable checkpoint every N steps (0: only at the end).")
-    keep_checkpoints: int = _f(2, "Resumable checkpoints kept on disk.")
+    keep_checkpoints: int = _f(2, "Resumable checkpoints kept on disk (complete ones; partial .tmp directories "
+                                  "are never counted or loaded).")
+    stop_grace_s: float = _f(600.0, "After Ctrl-C (or SIGTERM to `async-or1 train`), how long learners may take to "
+                                    "finish the step and checkpoint before they are killed. A 32B ZeRO-3 save can "
+                                    "take minutes: size it to your checkpoint time.")
 
 
 @dataclass
@@ -179,6 +183,17 @@ class TransportConfig:
                                  "dropped (senders block on the kernel buffer instead).")
     max_message_mb: int = _f(1024, "Frames larger than this are rejected and counted.")
     heartbeat_s: float = _f(5.0, "Generator heartbeat period.")
+    curve: bool = _f(True, "Authenticate every generator with ZeroMQ CURVE (one key pair per generator, made at "
+                           "launch; a peer without this run's key is refused at the handshake and counted). false: "
+                           "plain TCP, where any process that reaches the port can connect: debugging only.")
+    keys_dir: str = _f("", "Directory of the run's CURVE keys. Empty: <run_dir>/keys, made fresh by `async-or1 "
+                           "train`. Multi-node (--role): make them once with `async-or1 keys --dir D --generators N`, "
+                           "copy D to every node (mode 0600 kept) and set this to D.")
+    weights_timeout_s: float = _f(120.0, "Weight group: how long a rendezvous or one broadcast may take. A generator "
+                                         "waiting for a broadcast that a dying peer broke gives up after this long "
+                                         "and rejoins the re-formed group.")
+    weights_attempts: int = _f(3, "Tries of one weight broadcast, each on a re-formed group, before the version is "
+                                  "owed (sent again from the learner's wait phase).")
     generator_timeout_s: float = _f(60.0, "A generator silent this long is declared dead and its leases re-issued "
                                           "(one whose connection closes is declared lost at once).")
     lease_retry_s: float = _f(10.0, "A generator repeats a LeaseRequest still unanswered after this long (a request "

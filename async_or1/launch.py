@@ -4,7 +4,10 @@
     → supervise (restart dead generators; a dead learner stops the run) → evaluate (after) → plots
 
 Children run in their own sessions, so Ctrl-C reaches only this supervisor, which stops them
-in order: learners first (they checkpoint and tell the generators to stop), then generators.
+in order: learners first (they checkpoint and tell the generators to stop; ``learner.stop_grace_s``
+before SIGKILL), then generators. SIGTERM to the supervisor does the same. Children die with the
+supervisor whatever kills it, SIGKILL included: each asks the kernel for SIGKILL when its parent
+dies (PR_SET_PDEATHSIG, Linux), and their own children (reward workers, sandboxes) do the same.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ class Child:
         err = self.log_path.open("a")
         out = None if self.stdout_to_terminal else err
         self._files = [err]
-        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=err, start_new_session=True)
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=err, start_new_session=True,
+                                     preexec_fn=_die_with_parent(os.getpid()))
 
     def poll(self) -> int | None:
         return self.proc.poll() if self.proc else None
@@ -62,6 +66,25 @@ class Child:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return ""
+
+
+def _die_with_parent(parent_pid: int) -> Any:
+    """For Popen's preexec_fn (runs in the child between fork and exec): SIGKILL this child when
+    the supervisor dies. The death signal follows the thread that forked, hence children are only
+    started from the supervisor's main thread; a parent already gone before prctl ran is caught by
+    the getppid check."""
+    import ctypes
+
+    def set_death_signal() -> None:
+        if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            os._exit(125)
+        if os.getppid() != parent_pid:
+            os._exit(125)
+
+    return set_death_signal
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def resolve_inputs(cfg: Any) -> dict:
@@ -120,6 +143,7 @@ def build_spec(cfg: Any, inputs: dict, run_dir: Path) -> dict:
         "weights_layout": "per_tensor" if cfg.generation.engine == "sglang" else "flat",
         "learner_backend": "nccl" if kind == "cuda" else "gloo",
         "learner_master_port": free_port("127.0.0.1"),
+        "keys_dir": cfg.transport.keys_dir or str(run_dir / "keys"),
         "device_kind": kind,
         "generator_devices": list(cfg.generation.devices),
         "learner_devices": list(cfg.learner.devices),
@@ -131,9 +155,12 @@ def make_children(cfg: Any, spec: dict, spec_path: Path, run_dir: Path, resume: 
 
     py = sys.executable
     world = max(1, len(cfg.learner.devices))
+    # Gloo listens on the address its host name resolves to, which may be a public interface:
+    # pin it to loopback when the run is local (every other socket binds transport.host).
+    gloo_if = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"} if cfg.transport.host in ("127.0.0.1", "localhost") else {}
     learners = []
     for r in range(world):
-        env = child_env(cfg.learner.devices[r] if cfg.learner.devices else None, spec["device_kind"])
+        env = {**child_env(cfg.learner.devices[r] if cfg.learner.devices else None, spec["device_kind"]), **gloo_if}
         env.update({"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
                     "MASTER_PORT": str(spec["learner_master_port"]), "LOCAL_WORLD_SIZE": str(world)})
         if spec["device_kind"] == "cpu":
@@ -143,14 +170,20 @@ def make_children(cfg: Any, spec: dict, spec_path: Path, run_dir: Path, resume: 
                               stdout_to_terminal=(r == 0)))
     gens = []
     for g in range(cfg.generation.num_generators):
-        env = child_env(cfg.generation.devices[g] if cfg.generation.devices else None, spec["device_kind"])
+        env = {**child_env(cfg.generation.devices[g] if cfg.generation.devices else None, spec["device_kind"]),
+               **gloo_if}
         argv = [py, "-m", "async_or1.generation.worker", "--spec", str(spec_path), "--generator-id", str(g)]
         gens.append(Child(f"generator {g}", argv, env, run_dir / "logs" / f"generator_{g}.log"))
     return learners, gens
 
 
-def supervise(learners: list, gens: list, max_restarts: int) -> int:
-    """Run until learner rank 0 exits. Returns its exit code (or 130 on Ctrl-C)."""
+def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # a scheduler's SIGTERM stops the run like Ctrl-C: learners checkpoint
+
+
+def supervise(learners: list, gens: list, max_restarts: int, grace_s: float = 600.0) -> int:
+    """Run until learner rank 0 exits. Returns its exit code (or 130 on Ctrl-C / SIGTERM)."""
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         while True:
             time.sleep(0.5)
@@ -159,7 +192,7 @@ def supervise(learners: list, gens: list, max_restarts: int) -> int:
                 if rc is not None and rc != 0:
                     print(f"async-or1: {ch.name} died with exit code {rc}; stopping the run. Last log lines "
                           f"({ch.log_path}):\n{ch.tail()}\nContinue it with --resume.", file=sys.stderr)
-                    _stop_all(learners, gens)
+                    _stop_all(learners, gens, grace_s)
                     return rc
             if learners[0].poll() == 0:
                 for ch in learners[1:]:
@@ -176,24 +209,29 @@ def supervise(learners: list, gens: list, max_restarts: int) -> int:
                 if ch.restarts >= max_restarts:
                     print(f"async-or1: {ch.name} died (exit {rc}) {ch.restarts + 1} times; stopping the run. "
                           f"Last log lines ({ch.log_path}):\n{ch.tail()}", file=sys.stderr)
-                    _stop_all(learners, gens)
+                    _stop_all(learners, gens, grace_s)
                     return 1
                 ch.restarts += 1
                 print(f"async-or1: {ch.name} died (exit {rc}); restarting it ({ch.restarts}/{max_restarts}); "
                       f"its prompts are re-issued. Log: {ch.log_path}", file=sys.stderr)
                 ch.start()
     except KeyboardInterrupt:
-        print("async-or1: interrupted; stopping (learners checkpoint first). Continue with --resume.",
-              file=sys.stderr)
-        _stop_all(learners, gens)
+        print(f"async-or1: interrupted; stopping (learners checkpoint first, up to learner.stop_grace_s="
+              f"{grace_s:.0f} s). Continue with --resume.", file=sys.stderr)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C must not cut the checkpoint short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _stop_all(learners, gens, grace_s)
         return 130
 
 
-def _stop_all(learners: list, gens: list) -> None:
+def _stop_all(learners: list, gens: list, grace_s: float) -> None:
     for ch in learners:
         ch.signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
     for ch in learners:
-        if ch.wait(120) is None:
+        if ch.wait(max(0.0, deadline - time.monotonic())) is None:
+            print(f"async-or1: {ch.name} still running after {grace_s:.0f} s: killed; a checkpoint it was "
+                  f"writing is left as a .tmp directory, which --resume ignores", file=sys.stderr)
             ch.signal(signal.SIGKILL)
     for ch in gens:
         ch.signal(signal.SIGTERM)
@@ -239,7 +277,7 @@ def _run_processes(cfg: Any, spec: dict, spec_path: Path, run_dir: Path, resume:
           f"(max_staleness {cfg.max_staleness}); logs in {run_dir / 'logs'}", flush=True)
     for ch in learners + gens:
         ch.start()
-    return supervise(learners, gens, cfg.generation.max_restarts)
+    return supervise(learners, gens, cfg.generation.max_restarts, cfg.learner.stop_grace_s)
 
 
 def run_role(cfg: Any, role: str, generator_id: int | None, resume: bool) -> int:
@@ -252,6 +290,9 @@ def run_role(cfg: Any, role: str, generator_id: int | None, resume: bool) -> int
 
     if not (cfg.transport.port and cfg.transport.weights_port):
         raise SystemExit("--role needs fixed ports: set transport.port and transport.weights_port (non-zero)")
+    if cfg.transport.curve and not cfg.transport.keys_dir:
+        raise SystemExit("--role needs transport.keys_dir: make the keys once with `async-or1 keys --dir D "
+                         "--generators N`, copy D to every node, and set transport.keys_dir=D")
     logging.basicConfig(level=logging.INFO, format=f"[{role}] %(asctime)s %(message)s")
     inputs = resolve_inputs(cfg)
     if role == "generator":
@@ -298,6 +339,10 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False) -> int:
     from async_or1.launch_spec import write_spec
 
     spec = build_spec(cfg, inputs, run_dir)
+    if cfg.transport.kind == "zmq" and cfg.transport.curve and not cfg.transport.keys_dir:
+        from async_or1.transport.keys import make_keys
+
+        make_keys(spec["keys_dir"], cfg.generation.num_generators)
     spec_path = run_dir / "launch.json"
     write_spec(spec_path, spec)
     t_train = time.time()

@@ -357,7 +357,7 @@ def build_engine(cfg: Any, model_path: str, generator_id: int) -> Any:
     from async_or1.generation.torch_engine import TorchEngine
 
     return TorchEngine(model_path, dtype=cfg.model.dtype, max_batch_size=cfg.generation.max_batch_size,
-                       seed=cfg.generation.seed + generator_id)
+                       seed=cfg.generation.seed + generator_id, weight_timeout_s=cfg.transport.weights_timeout_s)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -383,12 +383,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from async_or1.data.filter_cli import stop_token_ids
 
+    curve = None  # keys first: a missing key fails before the model loads
+    if cfg.transport.curve:
+        from async_or1.transport.keys import generator_keys
+
+        curve = generator_keys(spec["keys_dir"], args.generator_id)
     engine = build_engine(cfg, spec["model_path"], args.generator_id)
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer_path"])
     stop_ids = stop_token_ids(tokenizer, spec["model_path"])
     endpoint = ZmqGeneratorEndpoint(spec["address"], args.generator_id,
                                     max_message_bytes=cfg.transport.max_message_mb << 20,
-                                    hwm=cfg.transport.high_water_mark)
+                                    hwm=cfg.transport.high_water_mark, curve=curve)
 
     def join(msg: Any) -> None:
         engine.init_weight_group(WeightGroupSpec(master_address=msg.master_address, master_port=msg.master_port,

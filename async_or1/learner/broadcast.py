@@ -1,20 +1,19 @@
 """How new weights leave learner rank 0: ``broadcast_weights`` streams the learner's weights into
-one of two channels with one method, ``send``.
+one of two channels with the methods ``send`` and ``due``.
 
-- ``GroupChannel``: the torch.distributed broadcast group shared with generator processes
-  (gloo on CPU, NCCL on GPU), announced over the wire and re-formed after a generator restart.
-- ``InprocChannel``: the in-process debug mode; the generator thread copies from memory.
+- ``async_or1.weights.group.WeightGroup``: the torch.distributed broadcast group shared with
+  generator processes (gloo on CPU, NCCL on GPU); it owns the group's lifecycle (re-form, owed
+  versions).
+- ``InprocChannel`` (here): the in-process debug mode; the generator thread copies from memory.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 from async_or1.weights.fingerprint import Fingerprint
-
-log = logging.getLogger("async_or1.learner")
+from async_or1.weights.group import in_order
 
 
 def broadcast_weights(engine: Any, channel: Any, version: int) -> bool:
@@ -31,79 +30,6 @@ def broadcast_weights(engine: Any, channel: Any, version: int) -> bool:
     for _ in stream:  # every rank walks it to the end (gathers are collective); rank 0's channel
         pass          # may have stopped early (no group, a failed send) or never started
     return sent
-
-
-class GroupChannel:
-    def __init__(self, controller: Any, *, host: str, first_port: int, backend: str, layout: str,
-                 num_generators: int, bucket_bytes: int, timeout_s: float, fingerprint: bool = False) -> None:
-        self.controller = controller
-        self.fingerprint = fingerprint
-        self.sent_fingerprints: dict[int, str] = {}
-        self.host, self.first_port, self.backend, self.layout = host, first_port, backend, layout
-        self.num_generators = num_generators
-        self.bucket_bytes = bucket_bytes
-        self.timeout_s = timeout_s
-        self.group = None
-        self.epoch = 0
-        self.broken = True  # no group yet
-
-    def _form(self) -> None:
-        """Announce the group on the wire, then join as rank 0 (blocks until every generator joins)."""
-        from async_or1.launch_spec import free_port
-        from async_or1.transport import messages as m
-        from async_or1.weights import init_weight_group
-
-        self.epoch += 1
-        port = self.first_port if self.epoch == 1 else free_port(self.host)
-        world = 1 + self.num_generators
-        ranks = {str(g): 1 + g for g in range(self.num_generators)}
-        self.controller.post(m.WeightGroupInit(epoch=self.epoch, master_address=self.host, master_port=port,
-                                               world_size=world, ranks=ranks, backend=self.backend))
-        self.controller.flush()
-        self.group = init_weight_group(self.host, port, 0, world, backend=self.backend, timeout_s=self.timeout_s)
-        self.broken = False
-        log.info("weight group epoch %d formed with %d generator(s)", self.epoch, world - 1)
-
-    def send(self, version: int, specs: list, named: Iterable) -> bool:
-        """Broadcast ``named`` ((name, tensor) in ``specs`` order, consumed one at a time) as
-        ``version``; ``specs`` = (name, dtype, shape) per tensor, known before any tensor exists. False
-        when no complete group exists right now (the generators get the next broadcast after the
-        group is re-formed); the caller exhausts ``named`` either way."""
-        from async_or1.weights import plan_update, send_weights
-
-        if self.broken:
-            if len(self.controller.alive_generators()) < self.num_generators:
-                return False
-            self._form()
-        names = [n for n, _, _ in specs]
-        update = plan_update(version, names, [d for _, d, _ in specs], [s for _, _, s in specs], self.bucket_bytes,
-                             layout=self.layout, group_epoch=self.epoch)
-        self.controller.post(update)
-        self.controller.flush()
-        fp = Fingerprint() if self.fingerprint else None
-        try:
-            send_weights(self.group, update, in_order(names, named, fp))
-        except Exception as e:  # a generator died mid-broadcast: re-form once it is back
-            log.error("weight broadcast v%d failed (%s); the group is re-formed when all generators are up",
-                      version, e)
-            self.broken = True
-            return False
-        if fp is not None:
-            self.sent_fingerprints[version] = fp.hexdigest()
-        return True
-
-
-def in_order(names: list, named: Iterable, fp: Any = None) -> Iterator:
-    """The tensors of ``named`` as they come, checked to follow ``names`` (a source walking its
-    parameters in another order than its specs would otherwise send same-shaped tensors under
-    each other's names), each fed to the fingerprint ``fp`` on the way."""
-    for k, (name, t) in enumerate(named):
-        if k >= len(names) or name != names[k]:
-            raise ValueError(f"weight source: tensor {k} is {name!r}, the update announced "
-                             f"{names[k] if k < len(names) else 'no more tensors'!r}")
-        if fp is not None:
-            fp.update(name, t)
-        yield t
 
 
 class WeightStore:
@@ -130,6 +56,9 @@ class InprocChannel:
         self.controller, self.store = controller, store
         self.fingerprint = fingerprint
         self.sent_fingerprints: dict[int, str] = {}
+
+    def due(self) -> bool:
+        return False  # nothing here can fail or go stale
 
     def send(self, version: int, specs: list, named: Iterable) -> bool:
         from async_or1.transport import messages as m

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -81,12 +82,20 @@ def full_state_iter(model: torch.nn.Module, *, zero_stage: int, rank: int,
         del group  # drop this frame's references before the next gather
 
 
+COMPLETE = "complete.json"    # written last, inside the .tmp directory, before the rename
+_NAME = re.compile(r"step_(\d+)")
+
+
 def save_checkpoint(engine: Any, path: str | os.PathLike, client_state: dict, *, rank: int) -> None:
     """Resumable DeepSpeed checkpoint (weights, optimizer, step counters) plus ``client_state``.
 
-    Written under ``<path>.tmp`` and renamed by rank 0 once every rank has finished, so a crash
-    mid-save never leaves a directory that looks complete. Assumes ``path`` is on a filesystem
+    Written under ``<path>.tmp``; once every rank has finished, rank 0 writes the ``complete.json``
+    marker and renames the directory. A kill at any point leaves either the previous checkpoints
+    untouched plus a ``.tmp`` directory, or the finished one: ``list_checkpoints`` counts and loads
+    only directories named ``step_N`` that hold the marker. Assumes ``path`` is on a filesystem
     every learner rank sees (single node, or a shared mount)."""
+    import json
+
     import torch.distributed as dist
 
     final = Path(path)
@@ -98,9 +107,40 @@ def save_checkpoint(engine: Any, path: str | os.PathLike, client_state: dict, *,
     engine.save_checkpoint(str(tmp), tag=TAG, client_state={CLIENT_KEY: client_state})
     dist.barrier()
     if rank == 0:
+        (tmp / COMPLETE).write_text(json.dumps({"version": client_state.get("version"),
+                                                "world_size": dist.get_world_size()}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     dist.barrier()
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first: ``step_N`` directories with the marker.
+    Partial ones (``step_N.tmp`` from a kill mid-save, or a directory without the marker) are
+    never listed, so never loaded and never counted against ``keep``."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    done = []
+    for d in root.iterdir():
+        m = _NAME.fullmatch(d.name)
+        if m and d.is_dir() and (d / COMPLETE).is_file():
+            done.append((int(m.group(1)), d))
+        elif d.name.startswith("step_"):
+            log.warning("checkpoint: ignoring %s (partial: a save was interrupted)", d)
+    return [d for _, d in sorted(done)]
+
+
+def prune_checkpoints(root: str | os.PathLike, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints; remove older ones and leftover partial
+    directories (call only when no save is running)."""
+    root = Path(root)
+    done = list_checkpoints(root)
+    for d in done[:-max(keep, 1)]:
+        shutil.rmtree(d, ignore_errors=True)
+    for d in root.glob("step_*"):
+        if d.is_dir() and d not in done:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def load_checkpoint(engine: Any, path: str | os.PathLike) -> dict:

@@ -71,17 +71,42 @@ def rollout_side_parts(cfg: Any, problems: list, encode_prompt: Any, endpoint: A
 def _zmq_endpoint(cfg: Any, spec: dict) -> Any:
     from async_or1.transport.zmq import ZmqLearnerEndpoint
 
+    curve = None
+    if cfg.transport.curve:
+        from async_or1.transport.keys import server_keys
+
+        curve = server_keys(spec["keys_dir"], cfg.generation.num_generators)
     return ZmqLearnerEndpoint(host=cfg.transport.host, port=spec["zmq_port"],
-                              max_message_bytes=cfg.transport.max_message_mb << 20, hwm=cfg.transport.high_water_mark)
+                              max_message_bytes=cfg.transport.max_message_mb << 20, hwm=cfg.transport.high_water_mark,
+                              curve=curve, heartbeat_timeout_s=cfg.transport.generator_timeout_s)
 
 
-def _group_channel(cfg: Any, spec: dict, controller: Any) -> Any:
-    from async_or1.learner.broadcast import GroupChannel
+def _weight_group(cfg: Any, spec: dict, controller: Any) -> Any:
+    from async_or1.weights.group import WeightGroup
 
-    return GroupChannel(controller, host=spec["weights_host"], first_port=spec["weights_port"],
-                        backend=spec["weights_backend"], layout=spec.get("weights_layout", "flat"),
-                        num_generators=cfg.generation.num_generators, bucket_bytes=cfg.learner.bucket_mb << 20,
-                        timeout_s=cfg.buffer.wait_timeout_s, fingerprint=cfg.log.weight_fingerprints)
+    return WeightGroup(controller, master_address=spec["weights_host"], bind_host=cfg.transport.host,
+                       first_port=spec["weights_port"], backend=spec["weights_backend"],
+                       layout=spec.get("weights_layout", "flat"), bucket_bytes=cfg.learner.bucket_mb << 20,
+                       timeout_s=cfg.transport.weights_timeout_s, attempts=cfg.transport.weights_attempts,
+                       fingerprint=cfg.log.weight_fingerprints)
+
+
+def _init_learner_group(backend: str) -> None:
+    """The learner ranks' default group on a store that listens on MASTER_ADDR only (torch's own
+    env:// store listens on every interface). Under torchrun, whose agent already serves the
+    store, DeepSpeed's usual env:// init is left to do it."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if dist.is_initialized() or os.environ.get("TORCHELASTIC_RUN_ID"):
+        return
+    from async_or1.weights.protocol import rendezvous_store
+
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"])
+    store = rendezvous_store(addr, port, rank, world, datetime.timedelta(minutes=30), bind_host=addr)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
 
 
 def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = None,
@@ -102,20 +127,26 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
     from async_or1.timing import Phases
 
     cfg = config_from_dict(spec["config"])
-    deepspeed.init_distributed(dist_backend=spec["learner_backend"])
+    _init_learner_group(spec["learner_backend"])
+    deepspeed.init_distributed(dist_backend=spec["learner_backend"])  # adopts the group made above
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(cfg.seed)
     run_dir = Path(spec["run_dir"])
     ckpt_root = run_dir / "checkpoints"
+    latest = None
+    if resume:  # before the model loads: a run with nothing to resume fails at once
+        from async_or1.learner.checkpoint import list_checkpoints
+
+        done = list_checkpoints(ckpt_root)
+        if not done:
+            raise SystemExit(f"--resume: no complete checkpoint under {ckpt_root}")
+        latest = done[-1]
     engine = LearnerEngine(cfg, spec["model_path"])
     if before_start is not None:  # in-process mode: generator threads start once the model is loaded
         before_start()
 
     client_state: dict = {}
-    if resume:
-        latest = _latest_checkpoint(ckpt_root)
-        if latest is None:
-            raise SystemExit(f"--resume: no checkpoint under {ckpt_root}")
+    if latest is not None:
         client_state = engine.load_checkpoint(latest) or {}
         log.info("rank %d resumed from %s at version %s", rank, latest, client_state.get("version"))
     version = int(client_state.get("version", 0))
@@ -136,7 +167,7 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
         tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer_path"])
         side = RolloutSide(cfg, spec, tokenizer, client_state or None,
                            endpoint if endpoint is not None else _zmq_endpoint(cfg, spec))
-        channel = (make_channel or _group_channel)(cfg, spec, side.controller)
+        channel = (make_channel or _weight_group)(cfg, spec, side.controller)
         side.controller.set_version(version, broadcast_version=version)
         side.controller.start()
         # Always append: the launcher has already emptied the run dir (or refused a non-empty one)
@@ -157,8 +188,10 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
     saved_version = version
     t_start = time.time()
     last_step_end = time.perf_counter()
+    wait_t0 = None                   # when the current step began waiting (kept across re-broadcasts)
     while version < total:
         step_t0 = time.perf_counter()
+        wait_t0 = wait_t0 or step_t0
         new_stage = cfg.stage_at(version)[0]
         # ---- wait for the batch (rank 0), ship shards to every rank --------------------------
         with phases("wait"):
@@ -173,14 +206,23 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
                 groups = None
                 # Only rank 0's SIGTERM flag counts: the decision to stop travels in the payload, so
                 # every rank leaves the loop at the same step (a lone rank leaving would hang the rest).
+                rebroadcast = False
                 while groups is None and not stop["flag"]:
                     side.controller._check()
                     groups = side.buffer.take_batch(version, cfg.stage_at(version)[1].prompts_per_step, timeout_s=1.0)
-                    if groups is None and time.perf_counter() - step_t0 > cfg.buffer.wait_timeout_s:
+                    if groups is None and channel.due():
+                        # A generator joined, restarted or died, or a broadcast is owed: the current
+                        # weights go out again on a re-formed group (a collective for every rank, hence
+                        # through the payload). Waiting for the next step would deadlock on-policy.
+                        rebroadcast = True
+                        break
+                    if groups is None and time.perf_counter() - wait_t0 > cfg.buffer.wait_timeout_s:
                         raise SystemExit(f"no batch for step {version} within buffer.wait_timeout_s="
                                          f"{cfg.buffer.wait_timeout_s:.0f} s (generators alive: "
                                          f"{sorted(side.controller.alive_generators())}); see the generator logs")
-                if groups is not None:
+                if rebroadcast:
+                    payload = {"stop": False, "rebroadcast": True}
+                elif groups is not None:
                     seqs = groups_to_sequences(groups, adv_eps=cfg.algo.adv_eps)
                     if cfg.algo.truncated_mask == "mask_truncated":
                         # Paper 3.2.3: truncated responses leave the loss (and its token count) entirely.
@@ -195,6 +237,11 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
             payload = obj[0]
         if payload["stop"]:
             break
+        if payload.get("rebroadcast"):
+            with phases("broadcast"):
+                broadcast(version)
+            continue
+        wait_t0 = None
         # ---- loss, backward, optimizer step ---------------------------------------------------
         with phases("train"):
             micro = to_micro_batches(payload["shards"][rank], pad_id=engine.pad_id)
@@ -263,6 +310,10 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
         time.sleep(0.3)  # last heartbeats (weight fingerprints) on their way
         writer.write_summary({"final_version": version, "accounting": side.buffer.accounting(),
                               "lost_generators": side.controller.lost_generators,
+                              "faults": {"generator_restarts": side.controller.restarts,
+                                         "prompts_reissued_lost": side.controller.reissued_lost,
+                                         "recoveries": side.controller.recoveries,
+                                         "weight_group": dict(getattr(channel, "stats", {}))},
                               "source": dict(side.source.counts),
                               "transport": dict(side.endpoint.stats),
                               "weight_fingerprints": {"sent": channel.sent_fingerprints,
@@ -285,16 +336,9 @@ def _save(engine: Any, root: Path, version: int, rank: int, side: Any, entropy_c
         state["buffer"] = side.buffer.state_dict()
     engine.save_checkpoint(root / f"step_{version:06d}", client_state=state)
     if rank == 0:
-        import shutil
+        from async_or1.learner.checkpoint import prune_checkpoints
 
-        old = sorted(root.glob("step_*"))[:-max(keep, 1)]
-        for d in old:
-            shutil.rmtree(d, ignore_errors=True)
-
-
-def _latest_checkpoint(root: Path) -> Path | None:
-    done = sorted(p for p in root.glob("step_*") if p.is_dir())
-    return done[-1] if done else None
+        prune_checkpoints(root, keep)
 
 
 def main(argv: list[str] | None = None) -> int:

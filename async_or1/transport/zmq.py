@@ -10,8 +10,17 @@ Nothing is dropped silently:
 - high-water marks default to 0 (unlimited): a slow reader makes queues grow, never lose frames;
 - ROUTER_MANDATORY: sending to a peer that is not connected raises inside libzmq; we catch it,
   count ``send_unroutable`` and log it (the send returns False);
-- ROUTER_HANDOVER: a restarted generator with the same id (identity "gen-<id>") takes over its
-  old identity instead of being refused;
+- CURVE (``curve=``, on by default in a run): the learner's ROUTER is a CURVE server and a ZAP
+  handler admits only the run's generator keys, one pair per generator; the key decides the
+  peer's User-Id ("gen-<id>"), and a frame whose routing identity differs from its User-Id is
+  rejected (``rejected_identity``). An unknown key is refused at the handshake (``refused_auth``);
+  a peer that does not speak CURVE fails the handshake (``refused_handshake`` counts every failed
+  handshake). No ROUTER_HANDOVER: while a generator is connected nobody else can take its
+  identity; its restarted process gets in once the old connection is gone (closed by the kernel
+  when the process dies; ZMTP heartbeats close a half-open one within ``heartbeat_timeout_s``);
+- a closed connection is reported as ``PeerLeft(peer)`` by ``recv`` when it was the connection
+  that peer last spoke on (so a restarted peer on a new connection is not reported when its old
+  connection goes);
 - every received frame is decoded and validated (``codec.decode``); a bad one is counted
   (``rejected_malformed`` / ``rejected_oversized`` / ``rejected_schema``) and logged with its
   sender, and the receiver goes on.
@@ -33,7 +42,10 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from async_or1.transport.base import OneThread, new_stats, peer_name, reject
+import collections
+import threading
+
+from async_or1.transport.base import OneThread, PeerLeft, new_stats, peer_name, reject
 from async_or1.transport.codec import decode, encode
 from async_or1.transport.messages import WireError
 
@@ -73,20 +85,78 @@ def _poll_ms(deadline: float | None) -> int | None:
     return max(0, int((deadline - time.monotonic()) * 1000))
 
 
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+class ZapHandler:
+    """The ZAP authenticator of one context (RFC 27), on its own thread: admits a CURVE client
+    whose public key is one of ``clients`` and names it by that key's generator ("gen-<id>" as
+    ZMQ User-Id); refuses everything else and counts it."""
+
+    def __init__(self, ctx: zmq.Context, clients: dict[bytes, int]) -> None:
+        from zmq.utils import z85
+
+        self._users = {z85.decode(k): peer_name(g).encode() for k, g in clients.items()}
+        self._sock = ctx.socket(zmq.REP)
+        self._sock.bind("inproc://zeromq.zap.01")  # must exist before the server binds: no handler = no check
+        self._lock = threading.Lock()
+        self.refused = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="zmq-zap", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self._sock.poll(100):
+                continue
+            frames = self._sock.recv_multipart()
+            version, request_id, _domain, address, _identity, mechanism = frames[:6]
+            user = self._users.get(frames[6]) if mechanism == b"CURVE" and len(frames) > 6 else None
+            if user is None:
+                with self._lock:
+                    self.refused += 1
+                    n = self.refused
+                if n <= 20 or n % 1000 == 0:
+                    log.warning("refused a %s peer from %s: its key is not one of this run's generators (#%d)",
+                                mechanism.decode(errors="replace"), address.decode(errors="replace"), n)
+                self._sock.send_multipart([version, request_id, b"400", b"unknown key", b"", b""])
+            else:
+                self._sock.send_multipart([version, request_id, b"200", b"OK", user, b""])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sock.close(0)
+
+
 class ZmqLearnerEndpoint:
-    """Learner rank 0's ROUTER. Peers are named by the identity generators register as ("gen-<id>")."""
+    """Learner rank 0's ROUTER. Peers are named by the identity generators register as ("gen-<id>").
+
+    ``curve``: (server public key, server secret key, {generator public key: generator id}), Z85,
+    as ``transport.keys.server_keys`` returns them; None accepts any peer (tests, debugging)."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, max_message_bytes: int = 1 << 30, hwm: int = 0,
-                 send_timeout_s: float = 30.0, linger_s: float = 1.0) -> None:
+                 send_timeout_s: float = 30.0, linger_s: float = 1.0, curve: tuple | None = None,
+                 heartbeat_timeout_s: float = 30.0) -> None:
         self.max_message_bytes = int(max_message_bytes)
         self._ctx = zmq.Context()
+        self._zap = None
         self._sock = self._ctx.socket(zmq.ROUTER)
+        if curve is not None:
+            public, secret, clients = curve
+            self._zap = ZapHandler(self._ctx, clients)
+            self._sock.curve_server = True
+            self._sock.curve_publickey, self._sock.curve_secretkey = public, secret
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # ZMTP heartbeats drop a half-open connection (a peer's node vanished), which frees its
+        # identity for the restarted process.
+        self._sock.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat_timeout_s * 1000 / 3))
+        self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(heartbeat_timeout_s * 1000))
         # Only bites when hwm > 0: a full peer queue blocks a send this long, then it is counted.
         self._sock.setsockopt(zmq.SNDTIMEO, int(send_timeout_s * 1000))
         _set_common(self._sock, self.max_message_bytes, hwm, linger_s)
-        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED)
         self._sock.bind(f"tcp://{host}:{port or '*'}")
         endpoint = self._sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.port = int(endpoint.rsplit(":", 1)[1])
@@ -95,7 +165,10 @@ class ZmqLearnerEndpoint:
         self._poller.register(self._sock, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
         self._peers: dict[str, None] = {}  # insertion-ordered set of peers that sent a valid message
-        self._stats = {**new_stats(), "connections": 0, "disconnects": 0}
+        self._fd_of: dict[str, int] = {}   # peer -> the connection (fd) it last spoke on
+        self._events: collections.deque = collections.deque()  # (peer, PeerLeft) not yet returned
+        self._stats = {**new_stats(), "connections": 0, "disconnects": 0, "refused_handshake": 0,
+                       "rejected_identity": 0}
         self._owner = OneThread("ZmqLearnerEndpoint")
         self._closed = False
 
@@ -105,15 +178,23 @@ class ZmqLearnerEndpoint:
 
     @property
     def stats(self) -> dict[str, int]:
-        return dict(self._stats)
+        out = dict(self._stats)
+        if self._zap is not None:
+            out["refused_auth"] = self._zap.refused
+        return out
 
     def recv(self, timeout_s: float | None = None) -> tuple[str, Any] | None:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._owner:
             while True:
+                # The monitor first: a connection's close must be seen before a message from a new
+                # connection that reuses its file descriptor.
+                self._drain_monitor()
+                if self._events:
+                    return self._events.popleft()
                 events = dict(self._poller.poll(_poll_ms(deadline)))
                 if self._monitor in events:
-                    self._drain_monitor()
+                    continue
                 if self._sock in events:
                     got = self._recv_one()
                     if got is not None:
@@ -130,12 +211,16 @@ class ZmqLearnerEndpoint:
         try:
             if len(frames) != 2:
                 raise WireError(f"expected 1 payload frame, got {len(frames) - 1}")
+            if self._zap is not None and frames[1].get("User-Id") != peer:
+                raise WireError(f"routing identity {peer!r} but authenticated as {frames[1].get('User-Id')!r}",
+                                kind="identity")
             msg = decode(frames[1].buffer, self.max_message_bytes)
         except WireError as e:
             reject(self._stats, e, peer, size)
             return None
         self._stats["received"] += 1
         self._peers[peer] = None
+        self._fd_of[peer] = frames[1].get(zmq.SRCFD)
         return peer, msg
 
     def _drain_monitor(self) -> None:
@@ -145,8 +230,18 @@ class ZmqLearnerEndpoint:
                 self._stats["connections"] += 1
             elif ev["event"] == zmq.EVENT_DISCONNECTED:
                 self._stats["disconnects"] += 1
-                log.info("a generator connection closed (%d so far): peer exit, restart, or a frame beyond "
-                         "2 x max_message_bytes", self._stats["disconnects"])
+                fd = ev["value"]
+                for peer, last in list(self._fd_of.items()):
+                    if last == fd:
+                        del self._fd_of[peer]
+                        self._events.append((peer, PeerLeft(peer)))
+                        log.warning("%s disconnected (%d connections closed so far)", peer,
+                                    self._stats["disconnects"])
+            elif ev["event"] & _HANDSHAKE_FAILED:
+                self._stats["refused_handshake"] += 1
+                n = self._stats["refused_handshake"]
+                if n <= 20 or n % 1000 == 0:
+                    log.warning("refused a connection at the handshake (#%d): not this run's CURVE peer", n)
 
     def send(self, peer: str, msg: Any) -> bool:
         """Send to one generator. False (counted, logged) when it is not connected or stays full."""
@@ -187,6 +282,8 @@ class ZmqLearnerEndpoint:
             self._sock.disable_monitor()
             self._monitor.close(0)
             self._sock.close()
+            if self._zap is not None:
+                self._zap.close()
             self._ctx.term()
 
 
@@ -194,11 +291,15 @@ class ZmqGeneratorEndpoint:
     """One generator's DEALER (identity "gen-<id>"), connected to the learner's ROUTER."""
 
     def __init__(self, address: str, generator_id: int, max_message_bytes: int = 1 << 30, hwm: int = 0,
-                 linger_s: float = 5.0) -> None:
+                 linger_s: float = 5.0, curve: tuple | None = None) -> None:
+        """``curve``: (server public key, own public key, own secret key), Z85, as
+        ``transport.keys.generator_keys`` returns them; None for a learner without CURVE."""
         self.generator_id = int(generator_id)
         self.max_message_bytes = int(max_message_bytes)
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
+        if curve is not None:
+            self._sock.curve_serverkey, self._sock.curve_publickey, self._sock.curve_secretkey = curve
         self._sock.setsockopt(zmq.IDENTITY, peer_name(generator_id).encode())
         # linger: a ReturnLease sent just before exit must still reach the learner.
         _set_common(self._sock, self.max_message_bytes, hwm, linger_s)

@@ -22,6 +22,7 @@ Two wire layouts (``messages.WeightUpdate.layout``):
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from datetime import timedelta
@@ -60,10 +61,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def init_weight_group(master_address: str, master_port: int, rank: int, world_size: int,
                       group_name: str = "async_or1_weights", backend: str = "gloo",
-                      timeout_s: float = 600.0) -> Any:
+                      timeout_s: float = 600.0, bind_host: str | None = None) -> Any:
     """Join (rank 0: host) the broadcast group; blocks until all ``world_size`` ranks joined.
 
-    Does not touch the default process group: the learner's DeepSpeed ranks keep theirs."""
+    Does not touch the default process group: the learner's DeepSpeed ranks keep theirs.
+    ``bind_host`` (rank 0): the address its store listens on; default ``master_address``."""
     if not 0 <= rank < world_size:
         raise ValueError(f"weights: rank {rank} outside world_size {world_size}")
     if not group_name:
@@ -74,14 +76,35 @@ def init_weight_group(master_address: str, master_port: int, rank: int, world_si
     if old is not None:
         destroy_weight_group(old)
     timeout = timedelta(seconds=timeout_s)
-    # Public rendezvous: for tcp:// rank 0 starts the TCPStore server, the others connect to it.
-    host = f"[{master_address}]" if ":" in master_address and not master_address.startswith("[") else master_address
-    store, rank, world_size = next(dist.rendezvous(f"tcp://{host}:{master_port}", rank, world_size, timeout=timeout))
-    store.set_timeout(timeout)
-    store = dist.PrefixStore(group_name, store)
+    store = dist.PrefixStore(group_name, rendezvous_store(master_address, master_port, rank, world_size, timeout,
+                                                          bind_host=bind_host))
     pg = _group_on_store(store, rank, world_size, backend, group_name, timeout)
     _GROUPS[group_name] = pg
     return pg
+
+
+def rendezvous_store(master_address: str, master_port: int, rank: int, world_size: int, timeout: timedelta,
+                     bind_host: str | None = None) -> Any:
+    """The TCPStore of a ``tcp://master_address:master_port`` rendezvous, what ``dist.rendezvous``
+    builds (rank 0 serves, the others connect), except that rank 0 listens on ``bind_host`` only:
+    torch's own server listens on every interface ("::") whatever host it is given, which would
+    expose the store beyond loopback. So rank 0 binds the socket itself and hands it over."""
+    import socket
+
+    if rank != 0:
+        return dist.TCPStore(master_address, master_port, world_size, False, timeout=timeout)
+    host = bind_host or master_address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, master_port))
+        sock.listen(max(128, world_size))
+        fd = sock.detach()  # the store owns the listening fd from here on
+    try:
+        return dist.TCPStore(master_address, master_port, world_size, True, timeout=timeout, master_listen_fd=fd)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _group_on_store(store: Any, rank: int, world_size: int, backend: str, group_name: str,
