@@ -191,3 +191,55 @@ def test_a_failed_weight_receive_returns_open_prompts_and_waits_for_whole_weight
     while buf.accounting()["in_flight"] and time.time() < deadline:
         time.sleep(0.05)
     buf.check_accounting()
+
+
+def test_partial_checkpoints_are_never_listed_and_are_pruned(tmp_path):
+    from async_or1.learner.checkpoint import COMPLETE, list_checkpoints, prune_checkpoints
+
+    root = tmp_path / "checkpoints"
+    for v in (3, 6, 9):
+        (root / f"step_{v:06d}" / "state").mkdir(parents=True)
+        (root / f"step_{v:06d}" / COMPLETE).write_text("{}")
+    (root / "step_000012.tmp" / "state").mkdir(parents=True)   # a kill during a save
+    (root / "step_000015").mkdir()                              # never got its completion marker
+    assert [d.name for d in list_checkpoints(root)] == ["step_000003", "step_000006", "step_000009"]
+    prune_checkpoints(root, keep=2)
+    assert sorted(d.name for d in root.iterdir()) == ["step_000006", "step_000009"]
+    assert list_checkpoints(tmp_path / "nothing") == []
+
+
+_PARENT = """
+import sys, time
+from pathlib import Path
+from async_or1.launch import Child
+ch = Child("sleeper", [sys.executable, "-c", "import time; time.sleep(120)"], {}, Path(sys.argv[1]))
+ch.start()
+print(ch.proc.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_launched_child_dies_when_the_launcher_is_sigkilled(tmp_path):
+    """Children run in their own sessions (so Ctrl-C reaches only the launcher); nothing but the
+    death signal ties them to the launcher's life."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(tmp_path / "child.log")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        child = psutil.Process(int(parent.stdout.readline()))
+        assert child.is_running()
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        gone, alive = psutil.wait_procs([child], timeout=5)
+        assert not alive, "the child outlived its SIGKILLed launcher"
+    finally:
+        parent.kill()
+        for p in psutil.process_iter():
+            if "time.sleep(120)" in " ".join(p.cmdline() if p.is_running() else []):
+                p.kill()

@@ -74,7 +74,7 @@ def test_only_the_runs_generators_get_in_and_no_one_takes_another_identity(run_k
         stranger.setsockopt(zmq.IDENTITY, b"gen-0")
         stranger.connect(learner.address)
         stranger.send(encode_hb(0))
-        # 3. Generator 1's real key, claiming to be generator 0 (routing identity gen-0).
+        # 3. Generator 1's real key, claiming routing identity gen-0 and sending as generator 0.
         thief = ctx.socket(zmq.DEALER)
         thief.curve_serverkey, thief.curve_publickey, thief.curve_secretkey = generator_keys(run_keys, 1)
         thief.setsockopt(zmq.IDENTITY, b"gen-0")
@@ -90,29 +90,45 @@ def test_only_the_runs_generators_get_in_and_no_one_takes_another_identity(run_k
         st = learner.stats
         assert st["refused_handshake"] >= 2, st   # the plain DEALER and the raw socket (at least once each)
         assert st["refused_auth"] >= 1, st        # the stranger's key
+        assert st["rejected_identity"] == 1, st   # the thief's key says gen-1, its message says generator 0
         # The real generator 0 still owns its identity: the learner reaches it and hears it.
         assert learner.send("gen-0", m.Shutdown(reason="still you?"))
         assert gen0.recv(2.0) == m.Shutdown(reason="still you?")
         gen0.send(_hb(0))
         assert [(p, type(x).__name__) for p, x in _recv_all(learner, 1.0)] == [("gen-0", "Heartbeat")]
-        # Once gen-0 is gone a new thief may connect as "gen-0", but every frame it sends is refused:
-        # its key says gen-1. (The first thief's connection stays unrouted for good.)
-        gen0.close()
-        time.sleep(1.0)
-        thief2 = ctx.socket(zmq.DEALER)
-        hostile.append(thief2)
-        thief2.curve_serverkey, thief2.curve_publickey, thief2.curve_secretkey = generator_keys(run_keys, 1)
-        thief2.setsockopt(zmq.IDENTITY, b"gen-0")
-        thief2.connect(learner.address)
-        thief.send(encode_hb(0))
-        thief2.send(encode_hb(0))
-        assert [x for x in _recv_all(learner, 1.5) if not isinstance(x[1], PeerLeft)] == []
-        assert learner.stats["rejected_identity"] >= 1
+        # Whatever routing identity it claims, the thief is generator 1 to the learner: its key says so.
+        thief.send(encode_hb(1))
+        assert [(p, type(x).__name__) for p, x in _recv_all(learner, 1.0)] == [("gen-1", "Heartbeat")]
+        assert learner.send("gen-0", m.Shutdown(reason="only you"))
+        assert gen0.recv(2.0) == m.Shutdown(reason="only you")
         raw.close()
     finally:
         for s in hostile:
             s.close(0)
         gen0.close()
+        learner.close()
+
+
+def test_a_restarted_generator_is_routed_at_once_even_while_its_old_connection_lingers(run_keys):
+    learner = ZmqLearnerEndpoint(curve=server_keys(run_keys, 2), heartbeat_timeout_s=3)
+    old = ZmqGeneratorEndpoint(learner.address, 0, curve=generator_keys(run_keys, 0))
+    new = None
+    try:
+        old.send(_hb(0))
+        assert learner.recv(5)[0] == "gen-0"
+        new = ZmqGeneratorEndpoint(learner.address, 0, curve=generator_keys(run_keys, 0))  # old not closed
+        new.send(m.Heartbeat(generator_id=0, version=0, time=0.0, stats={"incarnation": "new"}))
+        peer, hb = learner.recv(5)
+        assert peer == "gen-0" and hb.stats == {"incarnation": "new"}
+        assert learner.send("gen-0", m.Shutdown("to the new one"))
+        assert new.recv(5) == m.Shutdown("to the new one")
+        assert old.recv(0.3) is None
+        old.close()  # the old connection closing later is not reported: gen-0 spoke on the new one
+        assert [x for x in _recv_all(learner, 1.0) if isinstance(x[1], PeerLeft)] == []
+    finally:
+        old.close()
+        if new is not None:
+            new.close()
         learner.close()
 
 

@@ -11,13 +11,16 @@ Nothing is dropped silently:
 - ROUTER_MANDATORY: sending to a peer that is not connected raises inside libzmq; we catch it,
   count ``send_unroutable`` and log it (the send returns False);
 - CURVE (``curve=``, on by default in a run): the learner's ROUTER is a CURVE server and a ZAP
-  handler admits only the run's generator keys, one pair per generator; the key decides the
-  peer's User-Id ("gen-<id>"), and a frame whose routing identity differs from its User-Id is
-  rejected (``rejected_identity``). An unknown key is refused at the handshake (``refused_auth``);
-  a peer that does not speak CURVE fails the handshake (``refused_handshake`` counts every failed
-  handshake). No ROUTER_HANDOVER: while a generator is connected nobody else can take its
-  identity; its restarted process gets in once the old connection is gone (closed by the kernel
-  when the process dies; ZMTP heartbeats close a half-open one within ``heartbeat_timeout_s``);
+  handler admits only the run's generator keys, one pair per generator. A peer's name is what
+  its key says (the ZAP User-Id, "gen-<id>"), never what it claims: generators set no routing
+  identity, the ROUTER gives each connection a unique one, and replies go to the connection the
+  named peer last spoke on. So a process without one of the run's keys is refused at the
+  handshake (``refused_auth``; one that does not speak CURVE at all: ``refused_handshake``,
+  which counts every failed handshake), and no peer can speak as, or take the route of, another
+  key's generator. A restarted generator is routed from its first frame, however long its old
+  connection lingers;
+- without CURVE (tests, debugging) peers name themselves by routing identity ("gen-<id>") and
+  ROUTER_HANDOVER lets a restarted generator take over its identity (so anyone can);
 - a closed connection is reported as ``PeerLeft(peer)`` by ``recv`` when it was the connection
   that peer last spoke on (so a restarted peer on a new connection is not reported when its old
   connection goes);
@@ -148,9 +151,11 @@ class ZmqLearnerEndpoint:
             self._zap = ZapHandler(self._ctx, clients)
             self._sock.curve_server = True
             self._sock.curve_publickey, self._sock.curve_secretkey = public, secret
+        else:
+            self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # ZMTP heartbeats drop a half-open connection (a peer's node vanished), which frees its
-        # identity for the restarted process.
+        # ZMTP heartbeats drop a half-open connection (a peer's node vanished), so its generator is
+        # reported as PeerLeft instead of staying "connected" until generator_timeout_s.
         self._sock.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat_timeout_s * 1000 / 3))
         self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(heartbeat_timeout_s * 1000))
         # Only bites when hwm > 0: a full peer queue blocks a send this long, then it is counted.
@@ -166,6 +171,7 @@ class ZmqLearnerEndpoint:
         self._poller.register(self._monitor, zmq.POLLIN)
         self._peers: dict[str, None] = {}  # insertion-ordered set of peers that sent a valid message
         self._fd_of: dict[str, int] = {}   # peer -> the connection (fd) it last spoke on
+        self._route: dict[str, bytes] = {}  # peer -> the routing id of the connection it last spoke on
         self._events: collections.deque = collections.deque()  # (peer, PeerLeft) not yet returned
         self._stats = {**new_stats(), "connections": 0, "disconnects": 0, "refused_handshake": 0,
                        "rejected_identity": 0}
@@ -205,21 +211,24 @@ class ZmqLearnerEndpoint:
 
     def _recv_one(self) -> tuple[str, Any] | None:
         frames = self._sock.recv_multipart(copy=False)
-        peer = frames[0].bytes.decode("utf-8", "backslashreplace")
+        rid = frames[0].bytes
+        # With CURVE the key names the peer (ZAP User-Id); the routing id is only the way back.
+        peer = frames[1].get("User-Id") if self._zap is not None else rid.decode("utf-8", "backslashreplace")
         size = sum(len(f) for f in frames[1:])
         self._stats["bytes_received"] += size
         try:
             if len(frames) != 2:
                 raise WireError(f"expected 1 payload frame, got {len(frames) - 1}")
-            if self._zap is not None and frames[1].get("User-Id") != peer:
-                raise WireError(f"routing identity {peer!r} but authenticated as {frames[1].get('User-Id')!r}",
-                                kind="identity")
             msg = decode(frames[1].buffer, self.max_message_bytes)
+            claimed = getattr(msg, "generator_id", None)
+            if self._zap is not None and claimed is not None and peer_name(claimed) != peer:
+                raise WireError(f"{peer} sent a message as generator {claimed}", kind="identity")
         except WireError as e:
             reject(self._stats, e, peer, size)
             return None
         self._stats["received"] += 1
         self._peers[peer] = None
+        self._route[peer] = rid
         self._fd_of[peer] = frames[1].get(zmq.SRCFD)
         return peer, msg
 
@@ -257,7 +266,8 @@ class ZmqLearnerEndpoint:
 
     def _send_bytes(self, peer: str, data: bytes, what: str) -> bool:
         try:
-            self._sock.send_multipart([peer.encode(), data], copy=len(data) < _COPY_THRESHOLD)
+            self._sock.send_multipart([self._route.get(peer) or peer.encode(), data],
+                                      copy=len(data) < _COPY_THRESHOLD)
         except zmq.ZMQError as e:
             if e.errno == zmq.EHOSTUNREACH:
                 self._stats["send_unroutable"] += 1
@@ -299,8 +309,11 @@ class ZmqGeneratorEndpoint:
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         if curve is not None:
+            # No routing identity: the learner names us by our key, and a fresh connection is
+            # routable at once (a chosen identity still held by a lingering old connection is not).
             self._sock.curve_serverkey, self._sock.curve_publickey, self._sock.curve_secretkey = curve
-        self._sock.setsockopt(zmq.IDENTITY, peer_name(generator_id).encode())
+        else:
+            self._sock.setsockopt(zmq.IDENTITY, peer_name(generator_id).encode())
         # linger: a ReturnLease sent just before exit must still reach the learner.
         _set_common(self._sock, self.max_message_bytes, hwm, linger_s)
         self._sock.connect(address)  # frames queue from now on, even before the learner is up
