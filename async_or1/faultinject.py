@@ -46,6 +46,7 @@ class Run:
     def start(self, *extra: str) -> Run:
         env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._rows0 = len(self.rows(all_launches=True))  # a resumed run appends to the same metrics
         log = (self.dir.parent / f"{self.dir.name}.launcher.log").open("a")
         self.proc = subprocess.Popen([sys.executable, "-m", "async_or1.cli", "train", "--config",
                                       str(self.config), *self.args, *extra],
@@ -81,11 +82,14 @@ class Run:
     def role(self, module: str) -> list[psutil.Process]:
         return [p for p in self.note() if module in " ".join(cmdline(p))]
 
-    def rows(self) -> list[dict]:
+    def rows(self, all_launches: bool = False) -> list[dict]:
+        """Step rows of metrics.jsonl written by this launch (or by every launch of the run)."""
         f = self.dir / "metrics.jsonl"
         if not f.is_file():
             return []
-        return [json.loads(x) for x in f.read_text().splitlines() if x.strip() and not json.loads(x).get("eval")]
+        rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+        rows = [r for r in rows if not r.get("eval")]
+        return rows if all_launches else rows[getattr(self, "_rows0", 0):]
 
     def wait_version(self, version: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -123,13 +127,6 @@ class Run:
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
-
-
-def cmdline(p: psutil.Process) -> list[str]:
-    try:
-        return p.cmdline()
-    except psutil.Error:
-        return []
 
     def no_leftovers(self, within_s: float) -> list[str]:
         """Processes of the run still alive after ``within_s`` (empty when all are gone)."""

@@ -251,9 +251,13 @@ class Controller:
     def _on_peer_left(self, peer: str) -> None:
         with self.lock:
             for gid, g in self.gens.items():
-                if g["peer"] == peer and g["alive"]:
-                    log.error("generator %d disconnected: declared lost, its leases are re-issued", gid)
-                    self._declare_dead(gid, g)
+                if g["peer"] != peer or not g["alive"]:
+                    continue
+                if self.done and not any(lease["generator_id"] == gid for lease in self.leases.values()):
+                    g["alive"] = False  # leaving after the Shutdown with nothing held: expected
+                    continue
+                log.error("generator %d disconnected: declared lost, its leases are re-issued", gid)
+                self._declare_dead(gid, g)
 
     def _reap_silent(self) -> None:
         now = self.clock.monotonic()
