@@ -184,6 +184,8 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
     if rank == 0:
         side.controller.leasing_open = True
 
+    if rank == 0 and version == 0:
+        side.controller.on_stage_start(stage)
     total = cfg.total_steps
     saved_version = version
     t_start = time.time()
@@ -201,8 +203,6 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
                     dropped = side.controller.on_stage_start(new_stage)
                     log.info("stage %d → %d at step %d; online filter: %s", stage, new_stage, version, dropped)
                     stage = new_stage
-                elif version == 0:
-                    side.controller.on_stage_start(stage)
                 groups = None
                 # Only rank 0's SIGTERM flag counts: the decision to stop travels in the payload, so
                 # every rank leaves the loop at the same step (a lone rank leaving would hang the rest).
