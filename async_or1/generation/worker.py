@@ -16,6 +16,12 @@ bound staleness honestly either way. A lease's prompts start only on weights at 
 
 A group is sent whole or not at all: on shutdown (a Shutdown message or SIGTERM) the unsent
 prompts of every open lease go back to the learner with a ReturnLease and are re-issued.
+
+Faults: a restarted process is a new incarnation (sent with its first Heartbeat and every
+LeaseRequest) and ignores leases answering its predecessor; an unanswered LeaseRequest is repeated
+after ``lease_retry_s``; a failed weight-group join or receive is survived (torn weights: open
+prompts returned, nothing sampled until a whole update arrives on the next epoch). The process
+exits 0 only when the learner said Shutdown; any other end is a failure the launcher restarts.
 """
 
 from __future__ import annotations

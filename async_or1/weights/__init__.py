@@ -1,8 +1,8 @@
 """Weights room: the broadcast group between learner rank 0 and the generator engines.
 
 ``protocol`` holds the rendezvous, the wire layouts and bucket planning, the sender and the
-receiver. The group's lifecycle (form, re-form on a generator restart, retry) belongs here too,
-with one small surface that the learner, the controller and the engines use.
+receiver; ``group`` owns the group's lifecycle on learner rank 0 (form, re-form when the
+generators change, bounded retry, owed versions).
 """
 
 from async_or1.weights.protocol import (  # noqa: F401  (the room's public surface)
@@ -17,3 +17,4 @@ from async_or1.weights.protocol import (  # noqa: F401  (the room's public surfa
     release_buffers,
     send_weights,
 )
+from async_or1.weights.group import WeightGroup, group_layout  # noqa: F401
