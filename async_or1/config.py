@@ -489,6 +489,14 @@ def validate(cfg: Config) -> None:
                           f"{cfg.generation.num_generators} generators")
     if cfg.learner.broadcast_every_steps < 1:
         raise ConfigError("learner.broadcast_every_steps must be >= 1")
+    t = cfg.transport
+    for name in ("weights_timeout_s", "lease_retry_s", "generator_timeout_s", "heartbeat_s"):
+        if not getattr(t, name) > 0:
+            raise ConfigError(f"transport.{name} must be > 0, got {getattr(t, name)}")
+    if t.weights_attempts < 1:
+        raise ConfigError(f"transport.weights_attempts must be >= 1, got {t.weights_attempts}")
+    if cfg.learner.stop_grace_s < 0:
+        raise ConfigError(f"learner.stop_grace_s must be >= 0, got {cfg.learner.stop_grace_s}")
     if cfg.max_staleness < cfg.learner.broadcast_every_steps - 1:
         # Generators would hold weights older than the bound allows: every group would be dropped as stale.
         raise ConfigError(f"learner.broadcast_every_steps={cfg.learner.broadcast_every_steps} needs "

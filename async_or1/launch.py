@@ -314,6 +314,23 @@ def run_role(cfg: Any, role: str, generator_id: int | None, resume: bool) -> int
     return worker.main(["--spec", str(spec_path), "--generator-id", str(generator_id)])
 
 
+def _prepare_keys(cfg: Any, run_dir: Path) -> None:
+    """Fresh CURVE keys in <run_dir>/keys, or the given keys_dir checked, before anything starts."""
+    if cfg.transport.kind != "zmq" or not cfg.transport.curve:
+        return
+    from async_or1.transport.keys import CurveKeyError, generator_keys, make_keys, server_keys
+
+    keys_dir = cfg.transport.keys_dir or str(run_dir / "keys")
+    if not cfg.transport.keys_dir:
+        make_keys(keys_dir, cfg.generation.num_generators)
+    try:
+        server_keys(keys_dir, cfg.generation.num_generators)
+        for g in range(cfg.generation.num_generators):
+            generator_keys(keys_dir, g)
+    except CurveKeyError as e:
+        raise SystemExit(f"transport.keys_dir: {e}") from None
+
+
 def train(cfg: Any, resume: bool = False, overwrite: bool = False) -> int:
     from async_or1.config import dump_yaml
 
@@ -327,6 +344,7 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False) -> int:
 
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    _prepare_keys(cfg, run_dir)
     t0 = time.time()
     inputs = resolve_inputs(cfg)
     check_code_sandbox(cfg, inputs["train_files"])
@@ -339,10 +357,6 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False) -> int:
     from async_or1.launch_spec import write_spec
 
     spec = build_spec(cfg, inputs, run_dir)
-    if cfg.transport.kind == "zmq" and cfg.transport.curve and not cfg.transport.keys_dir:
-        from async_or1.transport.keys import make_keys
-
-        make_keys(spec["keys_dir"], cfg.generation.num_generators)
     spec_path = run_dir / "launch.json"
     write_spec(spec_path, spec)
     t_train = time.time()

@@ -42,9 +42,10 @@ def one(out: Path, name: str, steps: int, seed: int, kill_at: int | None, mode: 
     if rc != 0:
         raise SystemExit(f"{name}: exit {rc}\n{run.logs()}")
     rows, summ = run.rows(), run.summary()
-    last = rows[-10:]
+    # A step with no group received since the previous one logs NaN (null): no sample, no value.
+    last = [r["reward_mean_sampled"] for r in rows[-10:] if r["reward_mean_sampled"] is not None]
     res = {"name": name, "mode": mode, "seed": seed, "steps": steps, "wall_s": round(time.monotonic() - t0, 1),
-           "reward_last10": round(sum(r["reward_mean_sampled"] for r in last) / len(last), 4),
+           "reward_last10": round(sum(last) / len(last), 4),
            "accounting": summ["accounting"], "faults": summ["faults"], "leftovers": run.no_leftovers(10)}
     if kill_at is not None:
         around = [r["step_s"] for r in rows if kill_at - 1 <= r["version"] <= kill_at + 4]
@@ -63,12 +64,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
+    plan = [("undisturbed-a", args.steps, None, "async"), ("undisturbed-b", args.steps, None, "async"),
+            ("killed", args.steps, args.kill_at, "async"),
+            ("on-policy-killed", max(args.kill_at + 6, 16), args.kill_at, "on-policy")]
+    runs = []
     with tempfile.TemporaryDirectory() as d:
-        out = Path(d)
-        runs = [one(out, "undisturbed-a", args.steps, args.seed, None),
-                one(out, "undisturbed-b", args.steps, args.seed, None),
-                one(out, "killed", args.steps, args.seed, args.kill_at),
-                one(out, "on-policy-killed", max(args.kill_at + 6, 16), args.seed, args.kill_at, "on-policy")]
+        for name, steps, kill_at, mode in plan:
+            runs.append(one(Path(d), name, steps, args.seed, kill_at, mode))
+            print(json.dumps(runs[-1]), flush=True)
     a, b, k = runs[0]["reward_last10"], runs[1]["reward_last10"], runs[2]["reward_last10"]
     noise = abs(a - b)
     report = {"runs": runs, "noise_same_seed": round(noise, 4),
