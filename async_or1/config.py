@@ -192,8 +192,9 @@ class TransportConfig:
     weights_timeout_s: float = _f(120.0, "Weight group: how long a rendezvous or one broadcast may take. A generator "
                                          "waiting for a broadcast that a dying peer broke gives up after this long "
                                          "and rejoins the re-formed group.")
-    weights_attempts: int = _f(3, "Tries of one weight broadcast, each on a re-formed group, before the version is "
-                                  "owed (sent again from the learner's wait phase).")
+    weights_attempts: int = _f(3, "Tries to (re-)form the weight group before one broadcast (a member may die "
+                                  "during the rendezvous). A broadcast that fails part-way is owed and streamed "
+                                  "again from the learner's wait phase.")
     generator_timeout_s: float = _f(60.0, "A generator silent this long is declared dead and its leases re-issued "
                                           "(one whose connection closes is declared lost at once).")
     lease_retry_s: float = _f(10.0, "A generator repeats a LeaseRequest still unanswered after this long (a request "

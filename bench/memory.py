@@ -7,7 +7,7 @@ Model: a Qwen2-shaped causal LM built here from a config (random init, no downlo
 embeddings), saved as one safetensors file; the defaults give 101M parameters (403 MB). ``--ranks``
 learner ranks (LearnerEngine, DeepSpeed ZeRO-3, gloo on 127.0.0.1) go through the learner's phases
 in order: load, one optimizer step, two weight broadcasts (the loop's ``broadcast_weights`` through
-a real GroupChannel, flat layout, to one receiver process that checks every byte by fingerprint),
+a real WeightGroup, flat layout, to one receiver process that checks every byte by fingerprint),
 ``save_hf`` (then read back and compared on rank 0, untimed and unmeasured).
 
 Memory, per rank and phase, in MiB over the rank's resident set at the start of the phase:
@@ -134,7 +134,7 @@ class _Wire:
     def __init__(self, q) -> None:
         self.q = q
 
-    def post(self, msg) -> None:
+    def post(self, msg, peer=None) -> None:
         from async_or1.transport.codec import encode
 
         self.q.put(bytes(encode(msg)))
@@ -142,8 +142,8 @@ class _Wire:
     def flush(self) -> None:
         pass
 
-    def alive_generators(self) -> set:
-        return {0}
+    def members(self) -> tuple:
+        return 0, [0]  # (membership counter, live generator ids): one receiver, never changing
 
 
 def _receiver(q_in, q_out) -> None:
@@ -174,7 +174,8 @@ def _rank(job: dict) -> None:
     import torch.distributed as dist
 
     from async_or1.config import Config
-    from async_or1.learner.broadcast import GroupChannel, broadcast_weights
+    from async_or1.learner.broadcast import broadcast_weights
+    from async_or1.weights.group import WeightGroup
     from async_or1.learner.engine import LearnerEngine
     from async_or1.learner.packing import collate
 
@@ -217,9 +218,9 @@ def _rank(job: dict) -> None:
         q_in, q_out = ctx.Queue(), ctx.Queue()
         receiver = ctx.Process(target=_receiver, args=(q_in, q_out), daemon=True)
         receiver.start()
-        channel = GroupChannel(_Wire(q_in), host="127.0.0.1", first_port=job["weights_port"], backend="gloo",
-                               layout="flat", num_generators=1, bucket_bytes=job["bucket_mb"] * MIB, timeout_s=600,
-                               fingerprint=True)
+        channel = WeightGroup(_Wire(q_in), master_address="127.0.0.1", bind_host="127.0.0.1",
+                              first_port=job["weights_port"], backend="gloo", layout="flat",
+                              bucket_bytes=job["bucket_mb"] * MIB, timeout_s=600, fingerprint=True)
     checks = {}
     for version in (1, 2):
         dist.barrier()
