@@ -7,7 +7,12 @@ imported inside the command functions, after parsing, so ``async-or1 --help`` is
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
+
+# A dotted override (``schedule.0.steps=1``, ``name=x``): a key path, '=', any value.
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[\w]+)*=")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -127,13 +132,21 @@ def _add_keys(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--generators", type=int, required=True, help="generation.num_generators of the run")
 
 
+def _add_doctor(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("doctor", help="check this machine and install for a run (one screen; non-zero exit if "
+                                      "something would break it)")
+    p.add_argument("--config", "-c", default=None, help="YAML config to check against (default: "
+                                                        "configs/cpu-tiny.yaml if present)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="async-or1",
         description="Asynchronous actor-learner RL for long chain-of-thought reasoning (Skywork-OR1 MAGIC).")
     sub = parser.add_subparsers(dest="cmd", required=True)
     for add in (_add_train, _add_config, _add_reward, _add_data, _add_eval, _add_plot, _add_bench, _add_simulate,
-                _add_embedded, _add_keys):
+                _add_embedded, _add_keys, _add_doctor):
         add(sub)
     return parser
 
@@ -273,13 +286,45 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from async_or1.config import load_config
+    from async_or1.doctor import main
+
+    path = _default_config_path(args.config)
+    return main(load_config(path, args.overrides), path)
+
+
 COMMANDS = {"train": cmd_train, "config": cmd_config, "reward": cmd_reward, "data": cmd_data, "eval": cmd_eval,
             "plot": cmd_plot, "bench": cmd_bench, "simulate": cmd_simulate, "embedded": cmd_embedded,
-            "keys": cmd_keys}
+            "keys": cmd_keys, "doctor": cmd_doctor}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; dotted overrides may stand anywhere after the subcommand.
+
+    argparse fills a ``nargs="*"`` positional from one run of positionals only, so overrides split
+    by an option (``--config F a=1 --overwrite b=2``) would leave ``b=2`` unrecognized. Every
+    leftover that has the shape of an override joins ``overrides``, in command-line order (a
+    later one wins); anything else is the usual error."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        takes = isinstance(getattr(args, "overrides", None), list)
+        if not takes or not all(_OVERRIDE.match(x) for x in extra):
+            bad = [x for x in extra if not (takes and _OVERRIDE.match(x))]
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+        args.overrides = args.overrides + extra
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # Before torch loads OpenMP (and inherited by every child): idle OpenMP threads sleep instead of
+    # spinning. With spinning, a multi-threaded process on a shared machine waits at every parallel
+    # region for a thread another process has descheduled: the embedded build's SFT ran 16 s/step
+    # with two spinning threads, 0.74 s/step with two sleeping ones, 2.8 s/step with one (load 16
+    # on 2 cores). Set OMP_WAIT_POLICY=ACTIVE to get spinning back on a machine of your own.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = parse_args(argv)
     from async_or1.config import ConfigError
 
     try:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Set up (offline-safe: torch==2.13.0 is the CPU wheel on disk) and run every test:
+# Set up (the tested versions from async_or1/constraints.txt; torch==2.13.0 is the CPU wheel)
+# and run every test:
 # the default suite first, then the slower end-to-end tests marked `slow`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q torch==2.13.0 -e '.[dev]'
+python -m pip install -q -c async_or1/constraints.txt torch==2.13.0 -e '.[dev]'
 export DS_ACCELERATOR=cpu
 python -m pytest -q
 if [ "${ASYNC_OR1_SKIP_SLOW:-0}" != "1" ]; then
