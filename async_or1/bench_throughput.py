@@ -95,7 +95,11 @@ def main(config: str, modes: str, max_staleness: str, steps: int, repeats: int, 
             variants += [("async", int(e)) for e in max_staleness.split(",") if e.strip()]
         else:
             raise SystemExit(f"--modes: unknown mode {mode!r} (on-policy, async)")
+    from async_or1.progress import bar
+
     results = []
+    # one line per run: the learner's per-step lines share the terminal, a bar drawn in place would tear
+    pb = bar(repeats * len(variants), "bench: runs", unit="run", lines=True)
     for rep in range(repeats):
         order = variants if rep % 2 == 0 else variants[::-1]  # interleave: alternate the order per round
         for mode, eta in order:
@@ -124,6 +128,8 @@ def main(config: str, modes: str, max_staleness: str, steps: int, repeats: int, 
                   f"learner idle {summ['learner_idle_frac']:.0%} (waited in {summ['wait_steps_frac']:.0%} of steps), "
                   f"{summ['leases_per_step']:.1f} leases/step of {summ['lease_prompts_mean']:.1f} prompts, "
                   f"{summ['rejected_zero_adv_per_step']:.1f} zero-advantage groups/step", flush=True)
+            pb.update(1)
+    pb.close()
     report = summarize(results, reward_threshold)
     report["config"] = config
     report["steps"] = steps

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+SCORE_CHUNK = 256          # responses per reward_pool.score call (the scoring bar's step)
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples with c correct: 1 − Π_{i=n−c+1}^{n} (1 − k/i)."""
@@ -61,6 +63,7 @@ def evaluate(engine: Any, tokenizer: Any, problems: list, *, k: int, temperature
     from async_or1.data.filter_cli import _request_seed, response_text
     from async_or1.data.template import encode_prompt
     from async_or1.generation.engine import GenRequest, SamplingParams
+    from async_or1.progress import bar
 
     t0 = time.perf_counter()
     stop = list(stop_ids if stop_ids is not None else [tokenizer.eos_token_id])
@@ -71,10 +74,15 @@ def evaluate(engine: Any, tokenizer: Any, problems: list, *, k: int, temperature
             reqs.append(GenRequest(f"{p.uid}/{j}", ids, SamplingParams(
                 temperature=temperature, max_new_tokens=max_response_tokens, stop_token_ids=stop,
                 seed=_request_seed(seed, p.uid, j))))
-    results = engine.generate(reqs)
+    with bar(len(reqs), f"eval: {len(problems)} problems x {k}", unit="sample") as pb:
+        results = engine.generate(reqs, on_result=lambda r: pb.update(1))
     texts = [response_text(tokenizer, r.tokens, set(stop)) for r in results]
     items = [(p.ability, texts[i * k + j], p.ground_truth) for i, p in enumerate(problems) for j in range(k)]
-    scores = reward_pool.score(items)
+    scores = []
+    with bar(len(items), "eval: scoring", unit="sample") as pb:
+        for at in range(0, len(items), SCORE_CHUNK):   # chunks only to show progress (code tests are slow)
+            scores += reward_pool.score(items[at:at + SCORE_CHUNK])
+            pb.update(len(items[at:at + SCORE_CHUNK]))
     samples, per_problem, counts = [], [], []
     for i, p in enumerate(problems):
         c = 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import sys
-import time
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -50,7 +49,7 @@ def _request_seed(seed: int, uid: str, k: int) -> int:
 
 
 def count_correct(engine: Any, pool: Any, tokenizer: Any, problems: list[Any], *, n: int, max_response_tokens: int,
-                  temperature: float, stop_ids: list[int], seed: int = 0) -> list[int]:
+                  temperature: float, stop_ids: list[int], seed: int = 0, progress: Any = None) -> list[int]:
     """Correct answers out of ``n`` samples for each problem."""
     from async_or1.generation.engine import GenRequest, SamplingParams
 
@@ -61,7 +60,7 @@ def count_correct(engine: Any, pool: Any, tokenizer: Any, problems: list[Any], *
             params = SamplingParams(temperature=temperature, max_new_tokens=max_response_tokens,
                                     stop_token_ids=list(stop_ids), seed=_request_seed(seed, p.uid, k))
             reqs.append(GenRequest(f"{p.uid}#{k}", ids, params))
-    results = engine.generate(reqs)
+    results = engine.generate(reqs, on_result=(lambda r: progress.update(1)) if progress is not None else None)
     stop = set(stop_ids)
     items = [(p.ability, response_text(tokenizer, r.tokens, stop), p.ground_truth)
              for p, r in zip([p for p in problems for _ in range(n)], results)]
@@ -72,6 +71,7 @@ def count_correct(engine: Any, pool: Any, tokenizer: Any, problems: list[Any], *
 def main(model: str, data: str, n: int, out: str, model_name: str | None = None, max_response_tokens: int = 1024,
          temperature: float = 1.0, workers: int = 2, max_batch_size: int = 64) -> int:
     from async_or1.generation.torch_engine import TorchEngine
+    from async_or1.progress import bar
     from async_or1.rewards.pool import RewardPool
 
     if n < 1:
@@ -90,14 +90,13 @@ def main(model: str, data: str, n: int, out: str, model_name: str | None = None,
     chunk = max(1, max_batch_size // n) * 4          # problems per generate() call: a few batches' worth
     counts: Counter = Counter()
     kept_rows = []
-    t0 = time.time()
     print(f"filter: {len(rows)} problems x {n} rollouts with {model} (model_difficulty key {name!r})", flush=True)
-    with RewardPool(workers=workers) as pool:
+    with RewardPool(workers=workers) as pool, bar(len(rows) * n, "filter", unit="sample") as pb:
         for start in range(0, len(rows), chunk):
             part = rows[start:start + chunk]
             correct = count_correct(engine, pool, tokenizer, [p for _, p in part], n=n,
                                     max_response_tokens=max_response_tokens, temperature=temperature,
-                                    stop_ids=stops)
+                                    stop_ids=stops, progress=pb)
             for (row, _), c in zip(part, correct):
                 verdict = difficulty_verdict(c, n)
                 counts[verdict] += 1
@@ -109,9 +108,7 @@ def main(model: str, data: str, n: int, out: str, model_name: str | None = None,
                     extra["model_difficulty"] = md
                     new["extra_info"] = extra
                     kept_rows.append(new)
-            done = min(start + chunk, len(rows))
-            print(f"filter: {done}/{len(rows)} problems, {time.time() - t0:.0f}s, kept {counts['kept']}, "
-                  f"0/{n} {counts['all_wrong']}, {n}/{n} {counts['all_correct']}", flush=True)
+            pb.set_postfix_str(f"kept {counts['kept']}, 0/{n} {counts['all_wrong']}, {n}/{n} {counts['all_correct']}")
     engine.close()
     write_rows(out, kept_rows)
     total = len(rows)
