@@ -221,6 +221,10 @@ def check_embedded(cfg: Any) -> Check:
     from async_or1.embedded import VERSION, default_cache_dir, is_complete
     from async_or1.embedded.build import BuildParams
 
+    from async_or1.embedded import BUILTIN_MODELS
+
+    if cfg.model.path in BUILTIN_MODELS and cfg.model.path != "embedded":
+        return Check(OK, "model", f"{cfg.model.path}: built-in, built and cached on first use")
     if cfg.model.path != "embedded":
         p = Path(cfg.model.path)
         ok = (p / "config.json").is_file()

@@ -11,8 +11,8 @@ from async_or1.embedded.sft import SFTParams
 # A build small enough for the default suite: the real task and formats, a model of a few
 # thousand parameters, a handful of SFT steps.
 SMALL = BuildParams(n_train=60, n_heldout=20, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                    threads=1, difficulty_n=2, final_eval_problems=10,
-                    sft=SFTParams(max_steps=4, batch_size=8, eval_every=2, eval_problems=8, max_new_tokens=24))
+                    threads=1, difficulty_n=2, heldout_k=2, engine_batch=32,
+                    sft=SFTParams(max_steps=4, batch_size=8, log_every=2, max_new_tokens=24))
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_build_layout_and_loading(small):
 
     cache, paths, lines = small
     assert paths.root == cache / VERSION
-    assert any("building" in line for line in lines) and any("sft step" in line for line in lines)
+    assert any("building" in line for line in lines) and any("SFT: loss" in line for line in lines)
     assert not [p for p in cache.iterdir() if p.name.startswith(f".{VERSION}.tmp")]   # temp dir renamed away
     tok = AutoTokenizer.from_pretrained(str(paths.model))
     model = AutoModelForCausalLM.from_pretrained(str(paths.model))
@@ -46,7 +46,8 @@ def test_build_layout_and_loading(small):
     assert tok.decode(ids).endswith("<|im_start|>assistant\n<think>\n")
     assert model.generation_config.eos_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
     report = build_report(paths)
-    assert report["sft"]["steps"] == 4 and len(report["sft"]["curve"]) == 2
+    assert report["sft"]["steps"] == 4 and [s for s, _ in report["sft"]["loss_curve"]] == [2, 4]
+    assert report["heldout_k"] == 2 and 0 <= report["heldout_accuracy_t1"] <= 1
 
 
 def test_rows_are_in_the_training_layout_and_verifiable(small):
@@ -140,11 +141,73 @@ def test_rebuild_after_damage_is_deterministic(tmp_path):
 
     torch.set_num_threads(1)
     tiny = BuildParams(n_train=10, n_heldout=5, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
-                       threads=1, difficulty_n=0, final_eval_problems=5,
-                       sft=SFTParams(max_steps=2, batch_size=4, eval_every=2, eval_problems=4, max_new_tokens=8))
+                       threads=1, difficulty_n=0, heldout_k=1,
+                       sft=SFTParams(max_steps=2, batch_size=4, log_every=2, max_new_tokens=8))
     a = ensure_embedded(tmp_path / "a", params=tiny, log=lambda s: None)
     digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
     first = {f.name: digest(f) for f in [a.model / "model.safetensors", a.train, a.heldout]}
     (a.model / "model.safetensors").unlink()
     b = ensure_embedded(tmp_path / "a", params=tiny, log=lambda s: None)
     assert {f.name: digest(f) for f in [b.model / "model.safetensors", b.train, b.heldout]} == first
+
+
+_BUILD_IN_A_PROCESS = """
+import json, sys
+from async_or1.embedded import ensure_embedded, build_report
+from async_or1.embedded.build import BuildParams
+from async_or1.embedded.sft import SFTParams
+p = BuildParams(n_train=40, n_heldout=10, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, threads=2,
+                difficulty_n=3, heldout_k=2, engine_batch=16,
+                sft=SFTParams(max_steps=6, batch_size=8, log_every=3, max_new_tokens=16))
+paths = ensure_embedded(sys.argv[1], params=p, log=lambda s: None)
+stamp = json.loads((paths.root / "STAMP.json").read_text())
+print(json.dumps({"files": stamp["files"], "samples": stamp["report"]["samples_sha256"]}))
+"""
+
+
+def test_same_params_same_library_versions_identical_files(tmp_path):
+    """Two builds in separate processes, with different string-hash seeds and ambient thread
+    settings (the build pins its own thread count), write byte-identical files and sample the
+    same tokens in the engine pass."""
+    import os
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", _BUILD_IN_A_PROCESS, str(tmp_path / f"c{i}")],
+                              env=dict(os.environ, PYTHONHASHSEED=hashseed, OMP_NUM_THREADS=omp, TQDM_DISABLE="1",
+                                       OMP_WAIT_POLICY="PASSIVE"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, (hashseed, omp) in enumerate([("1", "1"), ("2", "2")])]    # side by side: one core each
+    outs = []
+    for pr in procs:
+        out, err = pr.communicate(timeout=300)
+        assert pr.returncode == 0, err[-3000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    a, b = outs
+    assert set(a["files"]) >= {"model/model.safetensors", "model/tokenizer.json", "train.jsonl", "heldout.jsonl"}
+    assert a == b
+
+
+def test_a_waiting_build_says_so(tmp_path):
+    """A second process finds the cache lock held: it says it waits (nothing silent for minutes),
+    then builds once the lock is free."""
+    import fcntl
+    import threading
+
+    tiny = BuildParams(n_train=10, n_heldout=5, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                       threads=1, difficulty_n=0, heldout_k=1,
+                       sft=SFTParams(max_steps=2, batch_size=4, log_every=2, max_new_tokens=8))
+    tmp_path.mkdir(exist_ok=True)
+    lines: list[str] = []
+    with (tmp_path / f".{VERSION}.lock").open("a+") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        t = threading.Thread(target=ensure_embedded, args=(tmp_path,), kwargs={"params": tiny, "log": lines.append})
+        t.start()
+        for _ in range(200):
+            if lines:
+                break
+            threading.Event().wait(0.05)
+        assert lines and "another process is building" in lines[0], lines
+        assert t.is_alive()
+    t.join(120)
+    assert not t.is_alive() and any("done in" in line for line in lines)

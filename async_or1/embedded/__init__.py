@@ -5,7 +5,7 @@ incomplete, or from other build parameters. The build happens in a temporary dir
 next to the cache and is renamed into place at the end, under a file lock, so an
 interrupted build never looks complete and two processes never build at once.
 
-Cache location: ``<cache_dir>/embedded-v1`` where cache_dir is the argument, else
+Cache location: ``<cache_dir>/embedded-v2`` where cache_dir is the argument, else
 ``$ASYNC_OR1_CACHE``, else ``~/.cache/async-or1``.
 """
 
@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-VERSION = "embedded-v1"
+# Bumped whenever the build's output changes (v2: fixed SFT budget, the sampling pass through the
+# torch engine), so that every older cache is rebuilt rather than half-matched.
+VERSION = "embedded-v2"
 STAMP = "STAMP.json"
 
 
@@ -82,15 +84,20 @@ def is_complete(root: Path, params_json: dict, version: str = VERSION) -> tuple[
 class _Lock:
     """An exclusive advisory lock on a file next to the cache (POSIX flock)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, on_wait: Callable[[], None] = lambda: None) -> None:
         self.path = path
+        self.on_wait = on_wait
 
     def __enter__(self) -> "_Lock":
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.f = self.path.open("a+")
-        fcntl.flock(self.f.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.on_wait()                  # say why nothing moves: a build elsewhere can take minutes
+            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -133,7 +140,8 @@ def ensure_built(version: str, params, build: Callable, cache_dir: str | Path | 
     ok, why = (False, "forced") if force else is_complete(root, params_json, version)
     if ok:
         return paths_of(root)
-    with _Lock(parent / f".{version}.lock"):
+    with _Lock(parent / f".{version}.lock",
+               lambda: log(f"[{version}] another process is building {root}; waiting for it")):
         if not force:                       # another process may have built it while we waited
             ok, why = is_complete(root, params_json, version)
             if ok:

@@ -1,12 +1,17 @@
-"""Build the embedded default: tokenizer, task rows, tiny Qwen2 model (SFT warm start).
+"""Build the embedded default: tokenizer, task rows, tiny Qwen2 model (SFT warm start), then one
+sampling pass through the project's own torch engine for the held-out accuracy and the train
+rows' difficulty counts.
 
-Everything is a pure function of ``BuildParams`` (and the torch thread count, which
-changes float summation order): same params, same files.
+Everything is a pure function of ``BuildParams`` (its ``threads`` included: the thread count
+changes float summation order) and the library versions: same params, same files. Sampling is
+seeded per request, so the pass does not depend on how the engine batches.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,7 +19,7 @@ from typing import Callable
 
 from async_or1.data.rows import write_rows
 from async_or1.embedded import task
-from async_or1.embedded.sft import SFTParams, accuracy, train_sft
+from async_or1.embedded.sft import SFTParams, train_sft
 from async_or1.embedded.tokenizer import build_tokenizer
 
 MODEL_NAME = "embedded-tiny"          # key of the build's own model_difficulty counts
@@ -33,10 +38,14 @@ class BuildParams:
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 384
+    # torch threads for the whole build (part of the result, see above). Two sleeping threads (the
+    # CLI sets OMP_WAIT_POLICY=PASSIVE) were the fastest on the shared 2-core machine; spinning ones
+    # collapse there (see async_or1/cli.py).
     threads: int = 2
     sft: SFTParams = field(default_factory=SFTParams)
-    difficulty_n: int = 8              # rollouts per train problem for model_difficulty (0: skip)
-    final_eval_problems: int = 200
+    difficulty_n: int = 4              # rollouts per train problem for model_difficulty (0: skip)
+    heldout_k: int = 8                 # samples per held-out problem for the reported accuracy (avg@k, T=1)
+    engine_batch: int = 256            # the sampling pass's TorchEngine max_batch_size
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -91,33 +100,80 @@ def tiny_qwen2(p: BuildParams, tok):
     return Qwen2ForCausalLM(cfg)
 
 
-def model_difficulty(model, tok, encode, problems: list[task.ArithProblem], n: int, seed: int,
-                     max_new_tokens: int, chunk: int = 512) -> list[int]:
-    """Correct count out of ``n`` samples at temperature 1 per problem (the offline filter's input)."""
-    import torch
+def request_seed(seed: int, split: int, index: int, sample: int) -> int:
+    """Per-request sampling seed: a pure function of the request, never of batching or order."""
+    return (seed * 1_000_003 + split * 100_003 + index * 64 + sample) % (2**31)
 
-    from async_or1.embedded.sampling import correct_flags
 
-    prompts = [encode(q) for q in problems for _ in range(n)]
-    golds = [str(q.answer()) for q in problems for _ in range(n)]
-    right = correct_flags(model, tok, prompts, golds, generator=torch.Generator().manual_seed(seed + 17),
-                          max_new_tokens=max_new_tokens, chunk=chunk)
-    return [sum(right[k * n:(k + 1) * n]) for k in range(len(problems))]
+def sampling_pass(model_dir: Path, encode: Callable[[task.ArithProblem], list[int]], eos_id: int,
+                  jobs: list[tuple[list[task.ArithProblem], int]], p: BuildParams) -> tuple[list[list[int]], str]:
+    """For each (problems, n) job: the correct count out of n samples at temperature 1 per problem,
+    every job's requests in one engine run (one bar); and a SHA-256 of every sampled token.
+
+    A sample is right when the last ``\\boxed{}`` after ``</think>`` is the gold integer as written
+    (what the math verifier's exact-match path accepts; its parser, in worker processes, would cost
+    more than the sampling here)."""
+    import numpy as np
+
+    from async_or1.embedded.tokenizer import END_THINK
+    from async_or1.generation.engine import GenRequest, SamplingParams
+    from async_or1.generation.torch_engine import TorchEngine
+    from async_or1.progress import bar
+
+    reqs, golds = [], []
+    for split, (problems, n) in enumerate(jobs):
+        for i, q in enumerate(problems):
+            ids = encode(q)
+            for j in range(n):
+                reqs.append(GenRequest(f"{split}/{i}/{j}", ids, SamplingParams(
+                    temperature=1.0, max_new_tokens=p.sft.max_new_tokens, stop_token_ids=[eos_id],
+                    seed=request_seed(p.seed, split, i, j))))
+                golds.append(str(q.answer()))
+    engine = TorchEngine(str(model_dir), max_batch_size=p.engine_batch, seed=p.seed)
+    tok = engine.tokenizer
+    try:
+        with bar(len(reqs), "[embedded] sampling (held-out" + (", difficulty)" if len(jobs) > 1 else ")"),
+                 unit="sample") as pb:
+            results = engine.generate(reqs, on_result=lambda r: pb.update(1))
+    finally:
+        engine.close()
+    digest = hashlib.sha256()
+    for r in results:                       # every sampled token, in request order: the pass's fingerprint
+        digest.update(np.asarray(r.tokens, dtype="<i4").tobytes() + b"|")
+    right = []
+    for r, gold in zip(results, golds):
+        text = tok.decode([t for t in r.tokens if t != eos_id], skip_special_tokens=False)
+        right.append(END_THINK in text and boxed_answer(text.split(END_THINK)[-1]) == gold)
+    out, at = [], 0
+    for problems, n in jobs:
+        out.append([sum(right[at + k * n:at + (k + 1) * n]) for k in range(len(problems))])
+        at += n * len(problems)
+    return out, digest.hexdigest()
+
+
+def boxed_answer(text: str) -> str | None:
+    """The last ``\\boxed{}`` content of ``text`` (the answer part after ``</think>``)."""
+    found = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    return found[-1].strip() if found else None
 
 
 def build(out: Path, p: BuildParams, log: Callable[[str], None] = print) -> dict:
     """Build everything into ``out`` (an empty directory). Returns the build report."""
     import torch
 
+    from transformers.utils import logging as hf_logging
+
     t0 = time.time()
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(p.threads)
+    hf_bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()        # its save/load bars for a 4 MB model are noise beside ours
     try:
         train, heldout = make_splits(p)
         draw = sft_drawer(p, heldout)
         corpus_rng = random.Random(p.seed + 3)
-        tok_dir = out / "model"
-        tok = build_tokenizer(tokenizer_corpus(p, [draw(corpus_rng) for _ in range(3000)]), tok_dir, p.vocab_size)
+        model_dir = out / "model"
+        tok = build_tokenizer(tokenizer_corpus(p, [draw(corpus_rng) for _ in range(3000)]), model_dir, p.vocab_size)
         log(f"[embedded] tokenizer: {len(tok)} tokens ({time.time() - t0:.1f}s)")
 
         def encode(q: task.ArithProblem) -> list[int]:
@@ -129,27 +185,31 @@ def build(out: Path, p: BuildParams, log: Callable[[str], None] = print) -> dict
         model = tiny_qwen2(p, tok)
         n_params = sum(x.numel() for x in model.parameters())
         log(f"[embedded] model: Qwen2 {p.num_layers}x{p.hidden_size}, {n_params / 1e6:.2f}M parameters; "
-            f"SFT up to {p.sft.max_steps} steps")
+            f"SFT {p.sft.max_steps} steps of {p.sft.batch_size}")
         report = train_sft(model, tok, encode, draw, heldout, p.sft, p.seed, log)
-        final = accuracy(model, tok, [encode(q) for q in heldout[:p.final_eval_problems]],
-                         [str(q.answer()) for q in heldout[:p.final_eval_problems]], seed=p.seed + 1,
-                         max_new_tokens=p.sft.max_new_tokens)
-        log(f"[embedded] held-out accuracy at temperature 1: {final:.3f} ({time.time() - t0:.0f}s)")
-        counts: list[int] = []
-        if p.difficulty_n > 0:
-            counts = model_difficulty(model, tok, encode, train, p.difficulty_n, p.seed, p.sft.max_new_tokens)
-            log(f"[embedded] model_difficulty of {len(train)} train problems ({p.difficulty_n} samples each): "
-                f"{sum(c == 0 for c in counts)} at 0/{p.difficulty_n}, "
-                f"{sum(c == p.difficulty_n for c in counts)} at {p.difficulty_n}/{p.difficulty_n} "
-                f"({time.time() - t0:.0f}s)")
+        log(f"[embedded] SFT: loss {report['loss_curve'][-1][1]:.3f} after {report['steps']} steps "
+            f"({report['seconds']:.0f}s)")
         model.generation_config.eos_token_id = tok.eos_token_id
         model.generation_config.pad_token_id = tok.pad_token_id
-        model.save_pretrained(str(tok_dir), safe_serialization=True)
+        model.save_pretrained(str(model_dir), safe_serialization=True)
+        t_pass = time.time()
+        jobs = [(heldout, p.heldout_k)] + ([(train, p.difficulty_n)] if p.difficulty_n > 0 else [])
+        found, samples_sha256 = sampling_pass(model_dir, encode, tok.eos_token_id, jobs, p)
+        final = sum(found[0]) / max(1, p.heldout_k * len(heldout))
+        counts = found[1] if p.difficulty_n > 0 else []
+        log(f"[embedded] held-out accuracy at temperature 1: {final:.3f} (avg@{p.heldout_k} over {len(heldout)}"
+            f" problems)" + (f"; model_difficulty of {len(train)} train problems ({p.difficulty_n} samples each): "
+                             f"{sum(c == 0 for c in counts)} at 0/{p.difficulty_n}, "
+                             f"{sum(c == p.difficulty_n for c in counts)} at {p.difficulty_n}/{p.difficulty_n}"
+                             if counts else "") + f" ({time.time() - t_pass:.0f}s)")
         write_rows(out / "train.jsonl", [
             task.to_row(q, i, "train", {MODEL_NAME: counts[i]} if counts else None) for i, q in enumerate(train)])
         write_rows(out / "heldout.jsonl", [task.to_row(q, i, "heldout") for i, q in enumerate(heldout)])
     finally:
         torch.set_num_threads(prev_threads)
-    return {"parameters": n_params, "sft": report, "heldout_accuracy_t1": final, "difficulty_n": p.difficulty_n,
-            "difficulty_model": MODEL_NAME, "seconds": round(time.time() - t0, 1), "n_train": len(train),
-            "n_heldout": len(heldout)}
+        if hf_bars:
+            hf_logging.enable_progress_bar()
+    return {"parameters": n_params, "sft": report, "heldout_accuracy_t1": final, "heldout_k": p.heldout_k,
+            "difficulty_n": p.difficulty_n, "difficulty_model": MODEL_NAME, "seconds": round(time.time() - t0, 1),
+            "sampling_seconds": round(time.time() - t_pass, 1), "samples_sha256": samples_sha256,
+            "n_train": len(train), "n_heldout": len(heldout)}
