@@ -202,15 +202,17 @@ def check_torch(cfg: Any) -> tuple[list[Check], str]:
     return out, kind
 
 
-def check_sandbox() -> Check:
-    from async_or1.rewards.sandbox import isolation_mode
+def check_sandbox(cfg: Any) -> Check:
+    """The isolation the code sandbox really gives for rewards.code_isolation (a probe program run)."""
+    from async_or1.rewards.sandbox import probe
 
-    mode = isolation_mode()
-    if mode == "ns":
-        return Check(OK, "code sandbox", "namespace isolation (own network, mounts, pids, uid per run)")
-    return Check(WARN, "code sandbox", "plain mode only (rlimits and a scratch dir; no file-system or network "
-                                       "isolation): fine for math, unsafe for untrusted code data (needs root "
-                                       "and unshare)")
+    want = cfg.rewards.code_isolation
+    rep = probe(want)
+    short = rep.shortfall()
+    if short is None:
+        return Check(OK, "code sandbox", rep.summary())
+    return Check(WARN, "code sandbox", f"{want} unavailable: {short} (math is unaffected; code rewards would "
+                                       f"refuse to run: set rewards.code_isolation=plain only for trusted code)")
 
 
 def check_embedded(cfg: Any) -> Check:
@@ -291,7 +293,7 @@ def run_checks(cfg: Any) -> list[Check]:
     checks += check_packages(_own_requirements(), tested_pins(), _installed_version)
     torch_checks, kind = check_torch(cfg)
     checks += torch_checks
-    checks += [check_cores(cfg, kind), check_load(), check_memory(), check_sandbox(), check_embedded(cfg)]
+    checks += [check_cores(cfg, kind), check_load(), check_memory(), check_sandbox(cfg), check_embedded(cfg)]
     host = cfg.transport.host
     ports = [(f, getattr(cfg.transport, f)) for f in ("port", "weights_port") if getattr(cfg.transport, f)]
     for f, port in ports:
