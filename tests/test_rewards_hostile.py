@@ -33,19 +33,31 @@ SEARCH = """
 import os, re
 marker = input().strip()
 found = []
-for root in ("/tmp", "/var/tmp", "/dev/shm", "/root", "/home", "/work"):
-    for dp, dns, fns in os.walk(root):
-        dns[:] = [d for d in dns if d not in (".git", "__pycache__", ".pyenv", "site-packages")]
-        for fn in fns:
+# breadth first, shallow before deep, as a patient attacker would: a crowded /tmp (clones, caches)
+# must not hide a file two levels down behind a deep walk
+level = [r for r in ("/tmp", "/var/tmp", "/dev/shm", "/root", "/home", "/work") if os.path.isdir(r)]
+for depth in range(6):
+    nxt = []
+    for d in level:
+        try:
+            entries = list(os.scandir(d))
+        except Exception:
+            continue
+        for e in entries:
             try:
-                with open(os.path.join(dp, fn), "rb") as fh:
-                    data = fh.read(1 << 20)
+                if e.is_dir(follow_symlinks=False):
+                    if e.name not in (".git", "__pycache__", ".pyenv", "site-packages", ".venv"):
+                        nxt.append(e.path)
+                elif e.is_file(follow_symlinks=False):
+                    with open(e.path, "rb") as fh:
+                        data = fh.read(1 << 20)
+                    if marker.encode() in data and b"secret-" in data:
+                        found += re.findall(rb"secret-[0-9a-f]{32}", data)
             except Exception:
                 continue
-            if marker.encode() in data and b"secret-" in data:
-                found += re.findall(rb"secret-[0-9a-f]{32}", data)
     if found:
         break
+    level = nxt
 for pid in [p for p in os.listdir("/proc") if p.isdigit()]:
     for part in ("cmdline", "environ"):
         try:
