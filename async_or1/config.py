@@ -126,7 +126,8 @@ class GenerationConfig:
     engine: Literal["torch", "sglang"] = _f("torch", "Inference engine of the generators.")
     num_generators: int = _f(1, "Generator processes (each one engine).")
     devices: list = _f([], "One device set per generator: GPU ids like '0,1' on GPU machines, CPU core sets like "
-                           "'0' or '0-3' here. Empty: no pinning.")
+                           "'0' or '0-3' here. Empty: no pinning. With launch.backend=ray, CPU core sets pin each "
+                           "process on the node it lands on and GPU ids are not used (Ray assigns the GPUs).")
     max_batch_size: int = _f(64, "Concurrent sequences per engine (torch engine slots; SGLang decides its own).")
     prompts_per_lease: int = _f(4, "Prompts a generator leases at once.")
     weight_update: Literal["between_requests", "in_flight"] = _f("in_flight", "Load new weights between decode steps "
@@ -141,7 +142,8 @@ class GenerationConfig:
 @dataclass
 class LearnerConfig:
     devices: list = _f([], "Device per learner rank (GPU id or CPU core set); its length is the number of ranks. "
-                           "Empty: one rank, unpinned.")
+                           "Empty: one rank, unpinned. With launch.backend=ray, CPU core sets pin each rank on the "
+                           "node it lands on and GPU ids only count ranks (Ray assigns the GPUs).")
     zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0-3.")
     lr: float = _f(1e-6, "AdamW learning rate (constant; the paper uses 1e-6).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
@@ -199,6 +201,28 @@ class TransportConfig:
                                           "(one whose connection closes is declared lost at once).")
     lease_retry_s: float = _f(10.0, "A generator repeats a LeaseRequest still unanswered after this long (a request "
                                     "can be lost when the learner restarts); repeats replace, never add.")
+
+
+@dataclass
+class LaunchConfig:
+    backend: Literal["local", "ray"] = _f("local", "'local': `async-or1 train` starts every process on this machine "
+        "(learner.devices / generation.devices pin them). 'ray': it connects to a running Ray cluster and runs the "
+        "learner ranks (one placement group) and each generator (one actor, restarted by Ray when it dies) on the "
+        "nodes Ray picks; addresses and free ports come from those nodes. Needs `pip install async-or1[ray]` and "
+        "output_dir and the model on a file system every node sees.")
+    ray_address: str = _f("auto", "Ray cluster to join (ray.init address): 'auto' finds the cluster started on this "
+                                  "machine with `ray start`, or host:port of its head.")
+    ray_learner_cpus: float = _f(1.0, "CPU cores Ray reserves for each learner rank (each rank also takes one GPU "
+                                      "when the cluster has GPUs).")
+    ray_generator_cpus: float = _f(1.0, "CPU cores Ray reserves for each generator (plus sglang_tp_size GPUs with "
+                                        "engine sglang, or one GPU with the torch engine, when the cluster has GPUs).")
+    ray_learner_resources: dict = _f({}, "Custom Ray resources each learner rank's bundle asks for, e.g. "
+                                         "{learner_node: 1} to keep the learner on the nodes started with "
+                                         "`ray start --resources '{\"learner_node\": 8}'`.")
+    ray_generator_resources: dict = _f({}, "Custom Ray resources each generator actor asks for (see "
+                                           "ray_learner_resources); a restarted generator goes wherever they are free.")
+    ray_start_timeout_s: float = _f(600.0, "How long to wait for Ray to place the learner ranks and the generators "
+                                           "before giving up with what is missing.")
 
 
 @dataclass
@@ -278,6 +302,7 @@ class Config:
     learner: LearnerConfig = _f(LearnerConfig(), "DeepSpeed learner.")
     buffer: BufferConfig = _f(BufferConfig(), "Replay buffer and staleness control.")
     transport: TransportConfig = _f(TransportConfig(), "ZeroMQ wire and weight-broadcast rendezvous.")
+    launch: LaunchConfig = _f(LaunchConfig(), "Where the processes run: this machine, or a Ray cluster.")
     eval: EvalConfig = _f(EvalConfig(), "Held-out evaluation during training.")
     log: LogConfig = _f(LogConfig(), "Logging.")
     sim: SimConfig = _f(SimConfig(), "The GPU-scale simulator (async-or1 simulate).")
@@ -496,6 +521,20 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"transport.{name} must be > 0, got {getattr(t, name)}")
     if t.weights_attempts < 1:
         raise ConfigError(f"transport.weights_attempts must be >= 1, got {t.weights_attempts}")
+    la = cfg.launch
+    for name in ("ray_learner_cpus", "ray_generator_cpus"):
+        if getattr(la, name) < 0:
+            raise ConfigError(f"launch.{name} must be >= 0, got {getattr(la, name)}")
+    if not la.ray_start_timeout_s > 0:
+        raise ConfigError(f"launch.ray_start_timeout_s must be > 0, got {la.ray_start_timeout_s}")
+    for name in ("ray_learner_resources", "ray_generator_resources"):
+        if not isinstance(getattr(la, name), dict):
+            raise ConfigError(f"launch.{name}: expected a mapping of resource name to amount, got {getattr(la, name)!r}")
+        for k, v in getattr(la, name).items():
+            if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise ConfigError(f"launch.{name}: {k!r}: expected a resource name and an amount > 0, got {v!r}")
+    if la.backend == "ray" and cfg.transport.kind != "zmq":
+        raise ConfigError("launch.backend=ray runs processes on a cluster: it needs transport.kind=zmq")
     if cfg.learner.stop_grace_s < 0:
         raise ConfigError(f"learner.stop_grace_s must be >= 0, got {cfg.learner.stop_grace_s}")
     if cfg.max_staleness < cfg.learner.broadcast_every_steps - 1:

@@ -211,7 +211,7 @@ def test_partial_checkpoints_are_never_listed_and_are_pruned(tmp_path):
 _PARENT = """
 import sys, time
 from pathlib import Path
-from async_or1.launch import Child
+from async_or1.launch.local import Child
 ch = Child("sleeper", [sys.executable, "-c", "import time; time.sleep(120)"], {}, Path(sys.argv[1]))
 ch.start()
 print(ch.proc.pid, flush=True)

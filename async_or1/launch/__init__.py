@@ -1,90 +1,23 @@
 """``async-or1 train``: one command starts and supervises everything from one config.
 
-    evaluate (before) → spawn M learner ranks + N generators on split device pools
-    → supervise (restart dead generators; a dead learner stops the run) → evaluate (after) → plots
+    check inputs → evaluate (before) → run the processes → evaluate (after) → plots
 
-Children run in their own sessions, so Ctrl-C reaches only this supervisor, which stops them
-in order: learners first (they checkpoint and tell the generators to stop; ``learner.stop_grace_s``
-before SIGKILL), then generators. SIGTERM to the supervisor does the same. Children die with the
-supervisor whatever kills it, SIGKILL included: each asks the kernel for SIGKILL when its parent
-dies (PR_SET_PDEATHSIG, Linux), and their own children (reward workers, sandboxes) do the same.
+The processes run where ``launch.backend`` says: ``local`` spawns M learner ranks + N generators
+on this machine's split device pools (``launch/local.py``); ``ray`` runs the same processes on a
+Ray cluster, one per actor (``launch/ray.py``). ``launch/slurm.py`` writes the batch script that
+brings a Ray cluster up inside a Slurm allocation. ``run_role`` is the manual multi-node path
+(torchrun for the learner, ``--role generator`` on each generator node).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("async_or1.launch")
-
-
-@dataclass
-class Child:
-    name: str
-    argv: list
-    env: dict
-    log_path: Path
-    stdout_to_terminal: bool = False
-    proc: Any = None
-    restarts: int = 0
-    _files: list = field(default_factory=list)
-
-    def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        err = self.log_path.open("a")
-        out = None if self.stdout_to_terminal else err
-        self._files = [err]
-        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=err, start_new_session=True,
-                                     preexec_fn=_die_with_parent(os.getpid()))
-
-    def poll(self) -> int | None:
-        return self.proc.poll() if self.proc else None
-
-    def signal(self, sig: int) -> None:
-        if self.proc and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
-
-    def wait(self, timeout: float) -> int | None:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-
-def _die_with_parent(parent_pid: int) -> Any:
-    """For Popen's preexec_fn (runs in the child between fork and exec): SIGKILL this child when
-    the supervisor dies. The death signal follows the thread that forked, hence children are only
-    started from the supervisor's main thread; a parent already gone before prctl ran is caught by
-    the getppid check."""
-    import ctypes
-
-    def set_death_signal() -> None:
-        if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            os._exit(125)
-        if os.getppid() != parent_pid:
-            os._exit(125)
-
-    return set_death_signal
-
-
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def resolve_inputs(cfg: Any) -> dict:
@@ -126,11 +59,14 @@ def check_code_sandbox(cfg: Any, train_files: list) -> None:
     print(f"async-or1: code sandbox: {report.summary()}", flush=True)
 
 
-def build_spec(cfg: Any, inputs: dict, run_dir: Path) -> dict:
+def build_spec(cfg: Any, inputs: dict, run_dir: Path, kind: str | None = None,
+               learner_master_port: int | None = None) -> dict:
+    """What every process of the run reads. Ports left 0 in the config are picked free on this
+    machine; the Ray backend passes a config whose hosts and ports it took from the nodes Ray chose."""
     from async_or1.config import to_dict
     from async_or1.launch_spec import device_kind, free_port
 
-    kind = device_kind()
+    kind = kind or device_kind()
     host = cfg.transport.host
     zmq_port = cfg.transport.port or free_port(host)
     return {
@@ -142,102 +78,12 @@ def build_spec(cfg: Any, inputs: dict, run_dir: Path) -> dict:
         "weights_backend": "nccl" if kind == "cuda" else "gloo",
         "weights_layout": "per_tensor" if cfg.generation.engine == "sglang" else "flat",
         "learner_backend": "nccl" if kind == "cuda" else "gloo",
-        "learner_master_port": free_port("127.0.0.1"),
+        "learner_master_port": learner_master_port or free_port("127.0.0.1"),
         "keys_dir": cfg.transport.keys_dir or str(run_dir / "keys"),
         "device_kind": kind,
         "generator_devices": list(cfg.generation.devices),
         "learner_devices": list(cfg.learner.devices),
     }
-
-
-def make_children(cfg: Any, spec: dict, spec_path: Path, run_dir: Path, resume: bool) -> tuple[list, list]:
-    from async_or1.launch_spec import child_env
-
-    py = sys.executable
-    world = max(1, len(cfg.learner.devices))
-    # Gloo listens on the address its host name resolves to, which may be a public interface:
-    # pin it to loopback when the run is local (every other socket binds transport.host).
-    gloo_if = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"} if cfg.transport.host in ("127.0.0.1", "localhost") else {}
-    learners = []
-    for r in range(world):
-        env = {**child_env(cfg.learner.devices[r] if cfg.learner.devices else None, spec["device_kind"]), **gloo_if}
-        env.update({"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-                    "MASTER_PORT": str(spec["learner_master_port"]), "LOCAL_WORLD_SIZE": str(world)})
-        if spec["device_kind"] == "cpu":
-            env.setdefault("DS_ACCELERATOR", "cpu")
-        argv = [py, "-m", "async_or1.learner.loop", "--spec", str(spec_path)] + (["--resume"] if resume else [])
-        learners.append(Child(f"learner rank {r}", argv, env, run_dir / "logs" / f"learner_{r}.log",
-                              stdout_to_terminal=(r == 0)))
-    gens = []
-    for g in range(cfg.generation.num_generators):
-        env = {**child_env(cfg.generation.devices[g] if cfg.generation.devices else None, spec["device_kind"]),
-               **gloo_if}
-        argv = [py, "-m", "async_or1.generation.worker", "--spec", str(spec_path), "--generator-id", str(g)]
-        gens.append(Child(f"generator {g}", argv, env, run_dir / "logs" / f"generator_{g}.log"))
-    return learners, gens
-
-
-def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # a scheduler's SIGTERM stops the run like Ctrl-C: learners checkpoint
-
-
-def supervise(learners: list, gens: list, max_restarts: int, grace_s: float = 600.0) -> int:
-    """Run until learner rank 0 exits. Returns its exit code (or 130 on Ctrl-C / SIGTERM)."""
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    try:
-        while True:
-            time.sleep(0.5)
-            for ch in learners:
-                rc = ch.poll()
-                if rc is not None and rc != 0:
-                    print(f"async-or1: {ch.name} died with exit code {rc}; stopping the run. Last log lines "
-                          f"({ch.log_path}):\n{ch.tail()}\nContinue it with --resume.", file=sys.stderr)
-                    _stop_all(learners, gens, grace_s)
-                    return rc
-            if learners[0].poll() == 0:
-                for ch in learners[1:]:
-                    ch.wait(60)
-                for ch in gens:  # they were told to stop by the learner; give them a moment
-                    if ch.wait(30) is None:
-                        ch.signal(signal.SIGTERM)
-                        ch.wait(10)
-                return 0
-            for ch in gens:
-                rc = ch.poll()
-                if rc is None or rc == 0:
-                    continue
-                if ch.restarts >= max_restarts:
-                    print(f"async-or1: {ch.name} died (exit {rc}) {ch.restarts + 1} times; stopping the run. "
-                          f"Last log lines ({ch.log_path}):\n{ch.tail()}", file=sys.stderr)
-                    _stop_all(learners, gens, grace_s)
-                    return 1
-                ch.restarts += 1
-                print(f"async-or1: {ch.name} died (exit {rc}); restarting it ({ch.restarts}/{max_restarts}); "
-                      f"its prompts are re-issued. Log: {ch.log_path}", file=sys.stderr)
-                ch.start()
-    except KeyboardInterrupt:
-        print(f"async-or1: interrupted; stopping (learners checkpoint first, up to learner.stop_grace_s="
-              f"{grace_s:.0f} s). Continue with --resume.", file=sys.stderr)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C must not cut the checkpoint short
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        _stop_all(learners, gens, grace_s)
-        return 130
-
-
-def _stop_all(learners: list, gens: list, grace_s: float) -> None:
-    for ch in learners:
-        ch.signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for ch in learners:
-        if ch.wait(max(0.0, deadline - time.monotonic())) is None:
-            print(f"async-or1: {ch.name} still running after {grace_s:.0f} s: killed; a checkpoint it was "
-                  f"writing is left as a .tmp directory, which --resume ignores", file=sys.stderr)
-            ch.signal(signal.SIGKILL)
-    for ch in gens:
-        ch.signal(signal.SIGTERM)
-    for ch in gens:
-        if ch.wait(30) is None:
-            ch.signal(signal.SIGKILL)
 
 
 def run_eval(cfg: Any, model_path: str, eval_files: list, label: str, step: int, run_dir: Path) -> dict:
@@ -268,16 +114,6 @@ def _eval_snapshots(cfg: Any, eval_files: list, run_dir: Path) -> None:
     for snap in sorted((run_dir / "snapshots").glob("step_*")):
         run_eval(cfg, str(snap), eval_files, snap.name, int(snap.name.split("_")[1]), run_dir)
         shutil.rmtree(snap)
-
-
-def _run_processes(cfg: Any, spec: dict, spec_path: Path, run_dir: Path, resume: bool) -> int:
-    learners, gens = make_children(cfg, spec, spec_path, run_dir, resume)
-    print(f"async-or1: run {run_dir}: {len(learners)} learner rank(s) on {cfg.learner.devices or 'any'}, "
-          f"{len(gens)} generator(s) on {cfg.generation.devices or 'any'}, mode {cfg.mode} "
-          f"(max_staleness {cfg.max_staleness}); logs in {run_dir / 'logs'}", flush=True)
-    for ch in learners + gens:
-        ch.start()
-    return supervise(learners, gens, cfg.generation.max_restarts, cfg.learner.stop_grace_s)
 
 
 def run_role(cfg: Any, role: str, generator_id: int | None, resume: bool) -> int:
@@ -335,6 +171,11 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False) -> int:
     from async_or1.config import dump_yaml
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cluster = None
+    if cfg.launch.backend == "ray":  # before anything expensive: no Ray, no cluster or too small a one fails here
+        from async_or1.launch import ray as ray_backend
+
+        cluster = ray_backend.connect(cfg)
     run_dir = cfg.run_dir
     if run_dir.exists() and any(run_dir.iterdir()) and not (resume or overwrite):
         raise SystemExit(f"{run_dir} already holds a run: continue it with --resume, replace it with --overwrite, "
@@ -356,17 +197,22 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False) -> int:
 
     from async_or1.launch_spec import write_spec
 
-    spec = build_spec(cfg, inputs, run_dir)
-    spec_path = run_dir / "launch.json"
-    write_spec(spec_path, spec)
     t_train = time.time()
-    if cfg.transport.kind == "inproc":
-        from async_or1.inprocess import run_inprocess
-
-        print(f"async-or1: run {run_dir} in one process (transport.kind=inproc), mode {cfg.mode}", flush=True)
-        rc = run_inprocess(cfg, spec, resume)
+    if cluster is not None:
+        rc = ray_backend.run(cluster, cfg, inputs, run_dir, resume)
     else:
-        rc = _run_processes(cfg, spec, spec_path, run_dir, resume)
+        spec = build_spec(cfg, inputs, run_dir)
+        spec_path = run_dir / "launch.json"
+        write_spec(spec_path, spec)
+        if cfg.transport.kind == "inproc":
+            from async_or1.inprocess import run_inprocess
+
+            print(f"async-or1: run {run_dir} in one process (transport.kind=inproc), mode {cfg.mode}", flush=True)
+            rc = run_inprocess(cfg, spec, resume)
+        else:
+            from async_or1.launch import local
+
+            rc = local.run(cfg, spec, spec_path, run_dir, resume)
     train_s = time.time() - t_train
     if rc != 0:
         return rc
