@@ -140,13 +140,27 @@ def _add_doctor(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
 
 
+def _add_slurm(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("slurm", help="write an sbatch script: a Ray cluster over the job's nodes, then the run on it",
+                       description="Print a Slurm batch script that starts a Ray head on the job's first node and "
+                                   "workers on the others, runs `async-or1 train --config F launch.backend=ray` and "
+                                   "stops Ray. Submit it with `sbatch`; arguments after its name go to `train`.")
+    p.add_argument("--config", "-c", required=True, help="YAML config of the run (on a file system every node sees)")
+    p.add_argument("--nodes", type=int, required=True, help="nodes of the job")
+    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node (0: a CPU-only cluster)")
+    p.add_argument("--partition", default=None, help="Slurm partition")
+    p.add_argument("--time", default=None, help="Slurm time limit, e.g. 2-00:00:00")
+    p.add_argument("--ray-port", type=int, default=6379, help="port of the Ray head (GCS) on the first node")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, passed on to `async-or1 train`")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="async-or1",
         description="Asynchronous actor-learner RL for long chain-of-thought reasoning (Skywork-OR1 MAGIC).")
     sub = parser.add_subparsers(dest="cmd", required=True)
     for add in (_add_train, _add_config, _add_reward, _add_data, _add_eval, _add_plot, _add_bench, _add_simulate,
-                _add_embedded, _add_keys, _add_doctor):
+                _add_embedded, _add_keys, _add_doctor, _add_slurm):
         add(sub)
     return parser
 
@@ -294,9 +308,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return main(load_config(path, args.overrides), path)
 
 
+def cmd_slurm(args: argparse.Namespace) -> int:
+    from async_or1.launch.slurm import main
+
+    return main(args.config, args.overrides, args.nodes, args.gpus_per_node, args.partition, args.time, args.ray_port)
+
+
 COMMANDS = {"train": cmd_train, "config": cmd_config, "reward": cmd_reward, "data": cmd_data, "eval": cmd_eval,
             "plot": cmd_plot, "bench": cmd_bench, "simulate": cmd_simulate, "embedded": cmd_embedded,
-            "keys": cmd_keys, "doctor": cmd_doctor}
+            "keys": cmd_keys, "doctor": cmd_doctor, "slurm": cmd_slurm}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
