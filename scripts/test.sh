@@ -4,7 +4,7 @@
 # the default suite first, then the slower end-to-end tests marked `slow`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q -c async_or1/constraints.txt torch==2.13.0 -e '.[dev]'
+python -m pip install -q -c async_or1/constraints.txt torch==2.13.0 -e '.[dev,ray]'
 export DS_ACCELERATOR=cpu
 # The embedded default once per machine, up front (cached after): tests that start `train` on it would
 # otherwise build it inside their own time limits.

@@ -3,8 +3,8 @@
 The fakes model what the script relies on: ``scontrol show hostnames`` expands the node list,
 ``srun -w NODE CMD`` runs CMD "on" NODE (here: on this machine, with FAKE_NODE=NODE), a
 ``ray start --block`` stays up until signalled, ``ray status --address`` succeeds once a head is
-up at that address, and ``async-or1 train`` exits 0 (or, told to, waits for SIGTERM and exits 130
-as the real launcher does after its learners checkpoint). Every call is logged, so the test checks
+up at that address, and ``async-or1 train`` waits for the worker node to join, then exits 0 (or,
+told to, waits for SIGTERM and exits 130 as the real launcher does after its learners checkpoint). Every call is logged, so the test checks
 the order (head, then workers joined to the head's address, then the run) and the teardown.
 """
 
@@ -57,6 +57,8 @@ while true; do sleep 0.1; done
     "async-or1": """#!/bin/bash
 echo "train: $*" >> "$FAKE_LOG"
 echo $$ > "$FAKE_STATE/train.pid"
+# As the real launcher, wait until the worker node joined (launch.ray_start_timeout_s).
+for _ in $(seq 300); do [ -f "$FAKE_STATE/joined_gpu-bb" ] && break; sleep 0.1; done
 if [ -n "${FAKE_TRAIN_WAITS:-}" ]; then
   trap 'echo "train: SIGTERM, checkpointing" >> "$FAKE_LOG"; exit 130' TERM
   while true; do sleep 0.1; done
