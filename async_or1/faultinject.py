@@ -33,6 +33,19 @@ def cmdline(p: psutil.Process) -> list[str]:
         return []
 
 
+def alive(procs: dict[int, float]) -> list[psutil.Process]:
+    """Those of ``procs`` (pid -> create time) still running: not a reused pid, not a zombie."""
+    out = []
+    for pid, t0 in procs.items():
+        try:
+            p = psutil.Process(pid)
+            if p.create_time() == t0 and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
 class Run:
     """One `async-or1 train` of the embedded config; remembers every process it ever started."""
 
@@ -69,15 +82,7 @@ class Run:
         return family
 
     def alive(self) -> list[psutil.Process]:
-        out = []
-        for pid, t0 in self.procs.items():
-            try:
-                p = psutil.Process(pid)
-                if p.create_time() == t0 and p.status() != psutil.STATUS_ZOMBIE:
-                    out.append(p)
-            except psutil.NoSuchProcess:
-                pass
-        return out
+        return alive(self.procs)
 
     def role(self, module: str) -> list[psutil.Process]:
         return [p for p in self.note() if module in " ".join(cmdline(p))]

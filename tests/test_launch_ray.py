@@ -6,11 +6,12 @@ two generators on the other.
 - 20 steps with generator 1's actor process SIGKILLed mid-run: Ray restarts the actor, its
   process starts again, the learner re-issues its prompts and re-forms the weight group, the run
   completes with the ledger balanced;
-- then a second run stopped with SIGTERM to ``async-or1 train`` (what ``ray job stop`` sends):
+- a learner actor SIGKILLed: the run stops with the resume hint, nothing left running;
+- a run stopped with SIGTERM to ``async-or1 train`` (what ``ray job stop`` sends):
   the learner checkpoints within its grace and the launcher exits 130.
 
-Each checks that every listening socket of the run, its actors and the cluster is on loopback and
-that no process of the run is left (the actors' processes are the raylets' children, not the
+The first also checks that every listening socket of the run, its actors and the cluster is on
+loopback; each checks that no process of the run is left (the actors' processes are the raylets' children, not the
 launcher's: they are recorded from ray_placement.json while the run lives).
 """
 
@@ -27,7 +28,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from async_or1.faultinject import Run, cmdline
+from async_or1.faultinject import Run, alive, cmdline
 
 pytestmark = pytest.mark.slow
 
@@ -85,18 +86,9 @@ def _family(pids: list[int]) -> dict[int, float]:
 
 def _alive(family: dict[int, float], within_s: float) -> list[psutil.Process]:
     deadline = time.monotonic() + within_s
-    while True:
-        left = []
-        for pid, t0 in family.items():
-            try:
-                p = psutil.Process(pid)
-                if p.create_time() == t0 and p.status() != psutil.STATUS_ZOMBIE:
-                    left.append(p)
-            except psutil.NoSuchProcess:
-                pass
-        if not left or time.monotonic() > deadline:
-            return left
+    while (left := alive(family)) and time.monotonic() < deadline:
         time.sleep(0.2)
+    return left
 
 
 def _check_loopback(pids: set[int]) -> int:
@@ -188,5 +180,23 @@ def test_ray_sigterm_to_the_launcher_checkpoints_and_stops_everything(tmp_path, 
         run.kill_all()
     ckpts = sorted((run.dir / "checkpoints").glob("step_*"))
     assert ckpts and (ckpts[-1] / "complete.json").is_file(), "the learner checkpointed on the way out"
+    left = run.no_leftovers(15) + [" ".join(cmdline(p))[:100] for p in _alive(actors, 15)]
+    assert not left, f"processes of the run still alive: {left}"
+
+
+@pytest.mark.timeout(900)
+def test_ray_learner_actor_sigkilled_stops_the_run_loudly_with_the_resume_hint(tmp_path, cluster):
+    run = _ray_run(tmp_path, cluster, "ray-learner", 40)
+    try:
+        run.start().wait_version(2, 600)
+        placement = _placement(run)
+        actors = _actor_family(placement)
+        os.kill(placement["learner"][0]["pid"], signal.SIGKILL)  # no restart for a learner: the run stops
+        rc = run.wait(300)
+    finally:
+        run.kill_all()
+    assert rc not in (None, 0), run.logs()
+    launcher_log = (run.dir.parent / f"{run.dir.name}.launcher.log").read_text()
+    assert "learner rank 0 lost its actor" in launcher_log and "Continue it with --resume" in launcher_log
     left = run.no_leftovers(15) + [" ".join(cmdline(p))[:100] for p in _alive(actors, 15)]
     assert not left, f"processes of the run still alive: {left}"
