@@ -103,6 +103,10 @@ def test_peer_left_declares_the_generator_lost_at_once_and_membership_changes():
             time.sleep(0.01)
         assert buf.accounting()["dropped"]["generator_lost"] == held
         # The worker itself is alive here and speaks again: lost, then back (two membership changes).
+        # "Back" needs its next message, which a loaded machine may delay: wait for it, bounded.
+        deadline = time.time() + 20
+        while ctl.members()[0] < before + 2 and time.time() < deadline:
+            time.sleep(0.05)
         assert ctl.members()[0] >= before + 2
     finally:
         worker.stopping = True
