@@ -37,7 +37,8 @@ def _receiver(gid: int, inbox, out) -> None:
             try:
                 if isinstance(msg, m.WeightGroupInit):
                     group = init_weight_group(msg.master_address, msg.master_port, msg.ranks[str(gid)],
-                                              msg.world_size, backend=msg.backend, timeout_s=20)
+                                              msg.world_size, group_name=msg.group_name, backend=msg.backend,
+                                              timeout_s=20)
                     epoch = msg.epoch
                 elif isinstance(msg, m.WeightUpdate) and msg.group_epoch == epoch:
                     got = dict(recv_weights(group, msg))

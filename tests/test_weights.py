@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from async_or1.weights import plan_buckets, plan_update
+from async_or1.weights import bucket_specs, group_layout, group_name, plan_buckets, plan_update
 
 BUCKET = 4096
 
@@ -47,6 +47,30 @@ def test_plan_buckets_by_hand():
     # 1008 + 2000 = 3008; + 1104 = 4112 > 4096 → c starts a new bucket; d is larger than the budget.
     up2 = plan_update(0, ["x", "y", "z"], ["float32", "bfloat16", "float32"], [[2, 3], [4], [0, 7]], 64)
     assert plan_buckets(up2) == [[0, 1, 2]]  # 32 + 16 + 0 = 48 ≤ 64
+
+
+def test_flattened_bucket_plan_packs_bytes_and_breaks_on_misalignment():
+    # SGLang's FlattenedTensorBucket: packed, no padding; a tensor views its bytes in place, so its
+    # offset must be a multiple of its element size.
+    # a: bf16[3] = 6 B at 0; b: fp32[2] would sit at 6 (6 % 4 != 0) -> new bucket at 0, 8 B;
+    # c: bf16[1] at 8, 2 B; d: fp16[5] at 10, 10 B (10 % 2 == 0); e: fp32[1] at 20 (20 % 4 == 0), 4 B -> 24;
+    # f: uint8[40] > 32 B budget alone -> new bucket; g: fp32[8] = 32 B == budget, alone.
+    up = plan_update(0, list("abcdefg"), ["bfloat16", "float32", "bfloat16", "float16", "float32", "uint8", "float32"],
+                     [[3], [2], [1], [5], [1], [40], [8]], 32, layout="flattened_bucket")
+    assert plan_buckets(up) == [[0], [1, 2, 3, 4], [5], [6]]
+    # the same tensors in our flat layout take 16-aligned slots: 16, 16, 16, 16 ... -> 2 per bucket
+    assert plan_buckets(plan_update(0, list("abcdefg"), up.dtypes, up.shapes, 32)) == [[0, 1], [2, 3], [4], [5], [6]]
+    assert bucket_specs(up)[1] == (["b", "c", "d", "e"], ["float32", "bfloat16", "float16", "float32"],
+                                   [[2], [1], [5], [1]])
+
+
+def test_group_layout_with_tensor_parallel_engines_and_a_name_per_epoch():
+    assert group_layout([0, 1, 2]) == (4, {"0": 1, "1": 2, "2": 3})
+    assert group_layout([1, 0], engine_ranks=2) == (5, {"0": 1, "1": 3})   # TP ranks 1,2 and 3,4; learner 0
+    assert group_layout([5], engine_ranks=4) == (5, {"5": 1})
+    with pytest.raises(ValueError, match="at least one rank"):
+        group_layout([0], engine_ranks=0)
+    assert len({group_name(e) for e in range(1, 50)}) == 49   # a new name every epoch
 
 
 def test_plan_update_validates():
@@ -92,7 +116,8 @@ def _role(role: str, ports: dict, q) -> None:
         results = []
         for epoch, port in ((1, ports["w1"]), (2, ports["w2"])):  # epoch 2 re-forms the same-named group
             grp = init_weight_group("127.0.0.1", port, rank, 3, timeout_s=60)
-            for version, layout in ((10 * epoch + 1, "flat"), (10 * epoch + 2, "per_tensor")):
+            for version, layout in ((10 * epoch + 1, "flat"), (10 * epoch + 2, "per_tensor"),
+                                    (10 * epoch + 3, "flattened_bucket")):
                 up, state = _plan(version, layout, epoch)
                 if rank == 0:
                     stats = send_weights(grp, up, [t for _, t in state])
@@ -142,15 +167,18 @@ def _run_roles(target, roles, ports, timeout=90):
     return {r: v[1] for r, v in out.items()}
 
 
-def test_broadcast_bit_exact_both_layouts_beside_a_default_group():
+def test_broadcast_bit_exact_every_layout_beside_a_default_group():
     ports = {"default": _free_port(), "w1": _free_port(), "w2": _free_port()}
     out = _run_roles(_role, ["learner0", "learner1", "gen1", "gen2"], ports)
     n_tensors = len(_state(0))
     up, _ = _plan(11, "flat")
     n_buckets = len(plan_buckets(up))
     assert n_buckets >= 3  # the plan really is bucketed, with "big" alone
-    assert out["learner0"] == [("flat", n_buckets, n_buckets), ("per_tensor", n_buckets, n_tensors)] * 2
-    assert out["gen1"] == out["gen2"] == [("flat", 11), ("per_tensor", 12), ("flat", 21), ("per_tensor", 22)]
+    nb_packed = len(plan_buckets(_plan(13, "flattened_bucket")[0]))
+    assert out["learner0"] == [("flat", n_buckets, n_buckets), ("per_tensor", n_buckets, n_tensors),
+                               ("flattened_bucket", nb_packed, nb_packed)] * 2
+    assert out["gen1"] == out["gen2"] == [("flat", 11), ("per_tensor", 12), ("flattened_bucket", 13),
+                                          ("flat", 21), ("per_tensor", 22), ("flattened_bucket", 23)]
     assert out["learner1"] == 12.0
 
 

@@ -103,8 +103,10 @@ class WeightUpdate:
     dtypes: list              # list[str], e.g. "float32", "bfloat16"
     shapes: list              # list[list[int]]
     bucket_bytes: int         # buckets are filled in order up to this many bytes (a larger tensor goes alone)
-    layout: str = "flat"      # "flat": one broadcast per bucket of concatenated bytes (torch engine);
-                              # "per_tensor": one broadcast per tensor, in order (SGLang's receive loop)
+    layout: str = "flat"      # "flat": header + one broadcast per bucket of 16-aligned bytes (torch engine);
+                              # "per_tensor": one broadcast per tensor, in order (SGLang's default receive);
+                              # "flattened_bucket": one broadcast per bucket of packed bytes (SGLang's
+                              # FlattenedTensorBucket); buckets: weights.plan_buckets
     group_epoch: int = 0      # which WeightGroupInit this broadcast runs on (stale announcements are ignored)
 
 

@@ -7,6 +7,7 @@ generators change, bounded retry, owed versions).
 
 from async_or1.weights.protocol import (  # noqa: F401  (the room's public surface)
     LAYOUTS,
+    bucket_specs,
     destroy_weight_group,
     dtype_name,
     dtype_of,
@@ -17,4 +18,4 @@ from async_or1.weights.protocol import (  # noqa: F401  (the room's public surfa
     release_buffers,
     send_weights,
 )
-from async_or1.weights.group import WeightGroup, group_layout  # noqa: F401
+from async_or1.weights.group import WeightGroup, group_layout, group_name  # noqa: F401

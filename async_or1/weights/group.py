@@ -44,11 +44,22 @@ def in_order(names: list, named: Iterable, fp: Any = None) -> Iterator:
         yield t
 
 
-def group_layout(generator_ids: list[int]) -> tuple[int, dict[str, int]]:
-    """(world size, {generator id: rank offset}): learner rank 0, then one rank per live engine in
-    id order. An engine with several ranks (SGLang tensor parallel) would take that many here."""
-    ranks = {str(g): 1 + i for i, g in enumerate(sorted(generator_ids))}
-    return 1 + len(ranks), ranks
+def group_layout(generator_ids: list[int], engine_ranks: int = 1) -> tuple[int, dict[str, int]]:
+    """(world size, {generator id: rank offset}): learner rank 0, then ``engine_ranks`` consecutive
+    ranks per live engine in id order. An SGLang engine holds one rank per TP rank and numbers them
+    ``rank_offset + tp_rank``, so ``engine_ranks`` = its tensor-parallel size.
+
+    E.g. generators [3, 0] with TP 2: world 5, offsets {"0": 1, "3": 3} (engine 3's ranks 3 and 4)."""
+    if int(engine_ranks) < 1:
+        raise ValueError(f"weights.group_layout: an engine holds at least one rank, got {engine_ranks}")
+    ranks = {str(g): 1 + i * int(engine_ranks) for i, g in enumerate(sorted(generator_ids))}
+    return 1 + len(ranks) * int(engine_ranks), ranks
+
+
+def group_name(epoch: int) -> str:
+    """The group's name in epoch ``epoch``: new per epoch, because SGLang refuses to create a group
+    under a name it has seen (0.4.9 cannot even destroy one); the name also prefixes the store keys."""
+    return f"async_or1_weights_e{int(epoch)}"
 
 
 class WeightGroup:
@@ -56,13 +67,15 @@ class WeightGroup:
 
     def __init__(self, controller: Any, *, master_address: str, bind_host: str, first_port: int, backend: str,
                  layout: str, bucket_bytes: int, timeout_s: float, attempts: int = 3, retry_s: float = 2.0,
-                 fingerprint: bool = False) -> None:
+                 fingerprint: bool = False, engine_ranks: int = 1) -> None:
+        """``engine_ranks``: group ranks each generator's engine holds (SGLang: its TP size)."""
         self.controller = controller
         self.master_address, self.bind_host = master_address, bind_host
         self.first_port, self.backend, self.layout = first_port, backend, layout
         self.bucket_bytes, self.timeout_s = bucket_bytes, timeout_s
         self.attempts, self.retry_s = max(1, int(attempts)), retry_s
         self.fingerprint = fingerprint
+        self.engine_ranks = int(engine_ranks)
         self.sent_fingerprints: dict[int, str] = {}
         self.group = None
         self.epoch = 0
@@ -105,13 +118,14 @@ class WeightGroup:
         self.epoch += 1
         self.stats["epochs"] += 1
         port = self._port()
-        world, ranks = group_layout(alive)
+        world, ranks = group_layout(alive, self.engine_ranks)
+        name = group_name(self.epoch)
         for g in alive:
             self.controller.post(m.WeightGroupInit(epoch=self.epoch, master_address=self.master_address,
-                                                   master_port=port, world_size=world, ranks=ranks,
+                                                   master_port=port, world_size=world, ranks=ranks, group_name=name,
                                                    backend=self.backend), peer=peer_name(g))
         self.controller.flush()
-        self.group = init_weight_group(self.master_address, port, 0, world, backend=self.backend,
+        self.group = init_weight_group(self.master_address, port, 0, world, group_name=name, backend=self.backend,
                                        timeout_s=self.timeout_s, bind_host=self.bind_host)
         self.members, self._formed_at, self._broken = list(alive), counter, False
         log.info("weight group epoch %d formed with generator(s) %s", self.epoch, alive)

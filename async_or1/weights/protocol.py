@@ -1,19 +1,22 @@
 """The weight broadcast group: learner rank 0 sends versioned, bucketed weights to generators.
 
-Rendezvous mirrors SGLang's ``init_weights_update_group`` (checked against two SGLang source
-snapshots: the 0.4-era ``ModelRunner.init_weights_update_group`` calling
-``sglang.srt.utils.init_custom_process_group``, and 2025 main, where the same call lives in the
-weight-updater mixin with groups keyed by name): a ``tcp://addr:port`` rendezvous whose TCPStore
-server lives on rank 0 (the learner), the store wrapped in ``PrefixStore(group_name, ...)``, then a
-``world_size`` process group on that store named ``group_name``, independent of the default group.
-An SGLang engine's rank is ``rank_offset + tp_rank``. (The 0.4-era receiver ends its init with
-``dist.barrier(group)``; a learner talking to that version must barrier once on the group too.)
+Rendezvous is SGLang's ``init_custom_process_group`` (checked against its code in the wheels of
+0.4.9.post6 to 0.5.23 by ``tests/test_sglang_contract.py``): a ``tcp://addr:port`` rendezvous whose
+TCPStore server lives on rank 0 (the learner), the store wrapped in ``PrefixStore(group_name, ...)``,
+then a ``world_size`` process group on that store named ``group_name``, independent of the default
+group, with an identity rank map (so ``broadcast(src=0)`` means the group's rank 0). No barrier
+follows. An SGLang engine's rank is ``rank_offset + tp_rank`` (``weights.group.group_layout``).
 
-Two wire layouts (``messages.WeightUpdate.layout``):
+Three wire layouts (``messages.WeightUpdate.layout``); buckets come from ``plan_buckets``, which
+sender and receivers call on the same message:
 
 - ``"per_tensor"``: one ``broadcast(src=0)`` per tensor, in ``names`` order, each in its own dtype
-  and shape: what SGLang's ``update_weights_from_distributed(names, dtypes, shapes, group_name)``
-  receives (``torch.empty(shape, dtype)`` + ``broadcast(src=0)`` per name, default load format).
+  and shape: SGLang's default ``update_weights_from_distributed`` receive loop. The SGLang adapter
+  issues one update call per bucket (``bucket_specs``), so SGLang allocates one bucket at a time.
+- ``"flattened_bucket"``: SGLang's ``FlattenedTensorBucket`` layout (``load_format=
+  "flattened_bucket"``, SGLang 0.5.10+): one broadcast per bucket of the tensors' bytes packed back
+  to back, no padding, no header. SGLang views each tensor at its byte offset, so a tensor whose
+  offset is not a multiple of its element size starts a new bucket.
 - ``"flat"``: our engines; a small int64 header, then per bucket one broadcast of the bucket's
   bytes (uint8, tensors at 16-byte aligned offsets so typed views need no realignment). The header
   makes a receiver that was announced a different update fail loudly instead of loading someone
@@ -33,8 +36,8 @@ import torch.distributed as dist
 
 from async_or1.transport.messages import WeightUpdate
 
-LAYOUTS = ("flat", "per_tensor")
-_ALIGN = 16          # bytes; keeps every tensor's offset divisible by any element size
+LAYOUTS = ("flat", "per_tensor", "flattened_bucket")
+_ALIGN = 16          # bytes (flat layout); keeps every tensor's offset divisible by any element size
 _HEADER_LEN = 4      # int64: version, group_epoch, n_tensors, total payload bytes
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8,
@@ -119,8 +122,9 @@ def _group_on_store(store: Any, rank: int, world_size: int, backend: str, group_
     """
     from torch.distributed import distributed_c10d as c10d
 
+    # torch 2.6 renamed the helper's ``pg_options`` to ``backend_options``; neither is needed here.
     pg, _ = c10d._new_process_group_helper(world_size, rank, [], dist.Backend(backend), store,
-                                           group_name=group_name, backend_options=None, timeout=timeout)
+                                           group_name=group_name, timeout=timeout)
     # Identity rank map so ``broadcast(src=0, group=pg)`` (SGLang's receive call) resolves src 0 to
     # this group's rank 0 whatever this process's rank in the default group is.
     c10d._world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
@@ -179,15 +183,25 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
+def _slot(update: WeightUpdate, i: int) -> int:
+    """Bytes tensor ``i`` takes in its bucket: packed for SGLang's layout, 16-aligned for ours."""
+    n = _nbytes(update.dtypes[i], update.shapes[i])
+    return n if update.layout == "flattened_bucket" else _aligned(n)
+
+
 def plan_buckets(update: WeightUpdate) -> list[list[int]]:
-    """Tensor indices per bucket, in order; a bucket holds up to ``bucket_bytes`` (aligned sizes),
-    a tensor larger than that goes alone. Sender and receivers call this on the same message."""
+    """Tensor indices per bucket, in order; a bucket holds up to ``bucket_bytes``, a tensor larger
+    than that goes alone. In the packed ``flattened_bucket`` layout a tensor whose byte offset would
+    not be a multiple of its element size (e.g. fp32 after 3 bf16 values) starts a new bucket, since
+    SGLang views each tensor in place. Sender and receivers call this on the same message."""
+    packed = update.layout == "flattened_bucket"
     buckets: list[list[int]] = []
     cur: list[int] = []
     used = 0
-    for i, (d, sh) in enumerate(zip(update.dtypes, update.shapes)):
-        size = _aligned(_nbytes(d, sh))
-        if cur and used + size > update.bucket_bytes:
+    for i, d in enumerate(update.dtypes):
+        size = _slot(update, i)
+        misaligned = packed and used % dtype_of(d).itemsize != 0
+        if cur and (used + size > update.bucket_bytes or misaligned):
             buckets.append(cur)
             cur, used = [], 0
         cur.append(i)
@@ -197,11 +211,18 @@ def plan_buckets(update: WeightUpdate) -> list[list[int]]:
     return buckets
 
 
+def bucket_specs(update: WeightUpdate) -> list[tuple[list[str], list[str], list[list[int]]]]:
+    """``(names, dtypes, shapes)`` per bucket: the receive calls of one update, one per bucket, so
+    that an engine that allocates a whole call before loading it (SGLang) holds one bucket at once."""
+    return [([update.names[i] for i in b], [update.dtypes[i] for i in b], [list(update.shapes[i]) for i in b])
+            for b in plan_buckets(update)]
+
+
 def _offsets(update: WeightUpdate, bucket: list[int]) -> tuple[list[int], int]:
     offs, pos = [], 0
     for i in bucket:
         offs.append(pos)
-        pos += _aligned(_nbytes(update.dtypes[i], update.shapes[i]))
+        pos += _slot(update, i)
     return offs, pos
 
 
@@ -274,8 +295,9 @@ def send_weights(group: Any, update: WeightUpdate, tensors: Iterable[torch.Tenso
         while pending:
             pending.popleft().wait()
 
-    if update.layout == "flat":
-        dist.broadcast(_header(update, device), group=group, group_src=0)
+    if update.layout in ("flat", "flattened_bucket"):
+        if update.layout == "flat":
+            dist.broadcast(_header(update, device), src=0, group=group)
         staging = None  # allocated at the first bucket of several tensors, sized for the largest
         stage_bytes = max((_offsets(update, bk)[1] for bk in buckets if len(bk) > 1), default=0)
         for bucket in buckets:
@@ -283,7 +305,7 @@ def send_weights(group: Any, update: WeightUpdate, tensors: Iterable[torch.Tenso
                 buf = _bytes_of(_pull(it, update, bucket[0]), device)  # pulled while the last bucket flies
                 drain()
                 # Synchronous: the next pull must not gather while this tensor is still held.
-                dist.broadcast(buf, group=group, group_src=0)
+                dist.broadcast(buf, src=0, group=group)
                 del buf
                 continue
             offs, size = _offsets(update, bucket)
@@ -295,15 +317,15 @@ def send_weights(group: Any, update: WeightUpdate, tensors: Iterable[torch.Tenso
                         staging = torch.empty(stage_bytes, dtype=torch.uint8, device=device)  # [bytes]
                 staging[off:off + b.numel()].copy_(b)
                 del b
-            pending.append(dist.broadcast(staging[:size], group=group, group_src=0, async_op=True))
+            pending.append(dist.broadcast(staging[:size], src=0, group=group, async_op=True))
         n_bcast = len(buckets)
     elif update.layout == "per_tensor":
         for bucket in buckets:
             # async within a bucket so the backend can pipeline; waiting per bucket bounds the tensors
             # (and device copies) alive at once to one bucket.
             for i in bucket:
-                pending.append(dist.broadcast(_pull(it, update, i).detach().to(device).contiguous(), group=group,
-                                              group_src=0, async_op=True))
+                pending.append(dist.broadcast(_pull(it, update, i).detach().to(device).contiguous(), src=0,
+                                              group=group, async_op=True))
             drain()
         n_bcast = len(update.names)
     else:
@@ -353,18 +375,19 @@ def recv_weights(group: Any, update: WeightUpdate, device: str = "cpu", *,
     out_dev = torch.device(device)
     if update.layout == "flat":
         hdr = torch.empty(_HEADER_LEN, dtype=torch.int64, device=comm)  # [4]
-        dist.broadcast(hdr, group=group, group_src=0)
+        dist.broadcast(hdr, src=0, group=group)
         want = _header(update, comm)
         if not torch.equal(hdr, want):
             raise RuntimeError(f"weights.recv_weights: sender announced (version, epoch, n_tensors, bytes) = "
                                f"{hdr.tolist()} but this receiver was told {want.tolist()}; the weight group "
                                f"is out of step")
-        yield from _recv_flat(group, update, comm, out_dev, into)
+    if update.layout in ("flat", "flattened_bucket"):
+        yield from _recv_buckets(group, update, comm, out_dev, into)
     elif update.layout == "per_tensor":
         for bucket in plan_buckets(update):
             dest = _destinations(update, bucket, into, out_dev)
             wire = [t if _landable(t, comm) else torch.empty(t.shape, dtype=t.dtype, device=comm) for t in dest]
-            work = [dist.broadcast(w, group=group, group_src=0, async_op=True) for w in wire]
+            work = [dist.broadcast(w, src=0, group=group, async_op=True) for w in wire]
             for w in work:
                 w.wait()
             for i, d, w in zip(bucket, dest, wire):
@@ -376,31 +399,31 @@ def recv_weights(group: Any, update: WeightUpdate, device: str = "cpu", *,
         raise ValueError(f"weights.recv_weights: layout {update.layout!r} not in {LAYOUTS}")
 
 
-def _post_flat(group: Any, update: WeightUpdate, bucket: list[int], slot: int, comm: torch.device,
+def _post_bucket(group: Any, update: WeightUpdate, bucket: list[int], slot: int, comm: torch.device,
                into: dict | None, out_dev: torch.device):
     """Start receiving one bucket: (async work, destinations, staging buffer or None if direct)."""
     dest = _destinations(update, bucket, into, out_dev)
     if len(dest) == 1 and _landable(dest[0], comm):
-        return dist.broadcast(dest[0].reshape(-1).view(torch.uint8), group=group, group_src=0,
+        return dist.broadcast(dest[0].reshape(-1).view(torch.uint8), src=0, group=group,
                               async_op=True), dest, None
     _, size = _offsets(update, bucket)
     buf = _staging(comm, slot, size)  # [bucket bytes]
-    return dist.broadcast(buf, group=group, group_src=0, async_op=True), dest, buf
+    return dist.broadcast(buf, src=0, group=group, async_op=True), dest, buf
 
 
-def _recv_flat(group: Any, update: WeightUpdate, comm: torch.device, out_dev: torch.device,
+def _recv_buckets(group: Any, update: WeightUpdate, comm: torch.device, out_dev: torch.device,
                into: dict | None) -> Iterator[tuple[str, torch.Tensor]]:
     buckets = plan_buckets(update)
     if not buckets:
         return
     # One bucket ahead: bucket k+1 arrives while bucket k is copied out. Staging slot (k+1) % 2 last
     # held bucket k-1, which was copied out before this post.
-    pending = _post_flat(group, update, buckets[0], 0, comm, into, out_dev)
+    pending = _post_bucket(group, update, buckets[0], 0, comm, into, out_dev)
     for k, bucket in enumerate(buckets):
         work, dest, buf = pending
         work.wait()
         if k + 1 < len(buckets):
-            pending = _post_flat(group, update, buckets[k + 1], (k + 1) % 2, comm, into, out_dev)
+            pending = _post_bucket(group, update, buckets[k + 1], (k + 1) % 2, comm, into, out_dev)
         if buf is not None:
             offs, _ = _offsets(update, bucket)
             with torch.no_grad():
