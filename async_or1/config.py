@@ -133,7 +133,14 @@ class GenerationConfig:
     weight_update: Literal["between_requests", "in_flight"] = _f("in_flight", "Load new weights between decode steps "
         "and go on ('in_flight'; tokens after the switch carry the new version), or only when no request runs.")
     sglang_mem_fraction: float = _f(0.85, "SGLang mem_fraction_static.")
-    sglang_tp_size: int = _f(1, "SGLang tensor-parallel size per engine.")
+    sglang_tp_size: int = _f(1, "SGLang tensor-parallel size per engine (the engine holds that many ranks of the "
+                                "weight group).")
+    sglang_pause_mode: Literal["retract", "in_place"] = _f("retract", "How an SGLang engine (0.5.10+) holds running "
+        "requests during an in-flight weight update: 'retract' (their KV is recomputed with the new weights after it) "
+        "or 'in_place' (KV kept). SGLang <= 0.5.5 cannot pause without aborting: the update waits for them instead.")
+    sglang_weight_layout: Literal["flattened_bucket", "per_tensor"] = _f("flattened_bucket", "How weights reach "
+        "SGLang engines: SGLang's FlattenedTensorBucket, one broadcast per bucket (SGLang 0.5.10+), or one broadcast "
+        "per tensor (every version). Either way one update call per learner.bucket_mb bucket.")
     seed: int = _f(0, "Sampling seed base; generator i uses seed + i.")
     max_restarts: int = _f(3, "A generator process that dies is restarted (its leased prompts re-issued) up to "
                               "this many times before the run stops.")

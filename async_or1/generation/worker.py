@@ -358,8 +358,10 @@ def build_engine(cfg: Any, model_path: str, generator_id: int) -> Any:
     if cfg.generation.engine == "sglang":
         from async_or1.generation.sglang_engine import SGLangEngine
 
-        return SGLangEngine(model_path, mem_fraction_static=cfg.generation.sglang_mem_fraction,
-                            tp_size=cfg.generation.sglang_tp_size, seed=cfg.generation.seed + generator_id)
+        g = cfg.generation
+        return SGLangEngine(model_path, mem_fraction_static=g.sglang_mem_fraction, tp_size=g.sglang_tp_size,
+                            seed=g.seed + generator_id, pause_mode=g.sglang_pause_mode,
+                            weight_layout=g.sglang_weight_layout)
     from async_or1.generation.torch_engine import TorchEngine
 
     return TorchEngine(model_path, dtype=cfg.model.dtype, max_batch_size=cfg.generation.max_batch_size,

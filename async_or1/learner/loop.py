@@ -88,7 +88,8 @@ def _weight_group(cfg: Any, spec: dict, controller: Any) -> Any:
                        first_port=spec["weights_port"], backend=spec["weights_backend"],
                        layout=spec.get("weights_layout", "flat"), bucket_bytes=cfg.learner.bucket_mb << 20,
                        timeout_s=cfg.transport.weights_timeout_s, attempts=cfg.transport.weights_attempts,
-                       fingerprint=cfg.log.weight_fingerprints)
+                       fingerprint=cfg.log.weight_fingerprints,
+                       engine_ranks=cfg.generation.sglang_tp_size if cfg.generation.engine == "sglang" else 1)
 
 
 def _init_learner_group(backend: str) -> None:
