@@ -439,6 +439,15 @@ class Scheduler:
         return out
 
 
+def _third_party() -> list[str]:
+    """Top-level modules this process imported from outside the standard library (the contract tests'
+    real dependencies, which pyproject's dev extra must provide)."""
+    import sys
+
+    std = set(sys.stdlib_module_names) | set(sys.builtin_module_names)
+    return sorted({m.split(".")[0] for m in list(sys.modules) if m.split(".")[0] not in std and not m.startswith("_")})
+
+
 def scheduler_main(root: str, cfg: dict, tp_rank: int, conn: Any, results: Any) -> None:
     """One TP rank's scheduler process."""
     try:
@@ -482,7 +491,7 @@ def scheduler_main(root: str, cfg: dict, tp_rank: int, conn: Any, results: Any) 
                     conn.send(("output", o))
             time.sleep(max(0.0, step_s - (time.perf_counter() - t0)))
         results.put(("scheduler", cfg["gen"], tp_rank, {"calls": model.calls, "flushes": sched.flushes,
-                                                         "stubbed": sorted(src.stubbed)}))
+                                                         "stubbed": sorted(src.stubbed), "modules": _third_party()}))
     except BaseException:
         results.put(("scheduler", cfg["gen"], tp_rank, {"error": traceback.format_exc()}))
         if conn is not None:
@@ -762,9 +771,14 @@ def learner_main(cfg: dict, inboxes: list, results: Any, go: Any) -> None:
             def alive_generators(self) -> list:
                 return list(range(len(inboxes)))
 
+        import inspect
+
+        kw = {"engine_ranks": cfg["tp_sizes"]}
+        if "engine_ranks" not in inspect.signature(GroupChannel).parameters:  # (the code before issue 11, for
+            kw = {}                                                           # checking that these tests catch it)
         ch = GroupChannel(Controller(), host="127.0.0.1", first_port=cfg["port"], backend="gloo",
-                          layout=cfg["layouts"][0], num_generators=len(inboxes), engine_ranks=cfg["tp_sizes"],
-                          bucket_bytes=cfg["bucket_bytes"], timeout_s=cfg["timeout_s"])
+                          layout=cfg["layouts"][0], num_generators=len(inboxes), bucket_bytes=cfg["bucket_bytes"],
+                          timeout_s=cfg["timeout_s"], **kw)
         go.get(timeout=cfg["timeout_s"])  # every generator has requests running
         for k, version in enumerate((1, 2, 3)):
             if version == 3:
@@ -826,7 +840,7 @@ def generator_main(root: str, version: str, gid: int, cfg: dict, inbox: Any, res
                 if msg.group_epoch != state["epoch"]:
                     raise AssertionError(f"update v{msg.version} for epoch {msg.group_epoch}, mine {state['epoch']}")
                 adapter.update_weights(msg)
-                state["updates"].append(dict(adapter.last_update))
+                state["updates"].append(dict(getattr(adapter, "last_update", {})))
 
         def between() -> None:
             if not state["ready"] and state["open"] >= cfg["inflight"]:
@@ -842,9 +856,8 @@ def generator_main(root: str, version: str, gid: int, cfg: dict, inbox: Any, res
         out = []
         while not state["stop"]:
             out += adapter.generate([request()], between_steps=between, on_result=on_result, more=more)
-        calls = {"seed_error": None}
         payload = {"results": [(r.request_id, r.tokens, r.logprobs, r.versions, r.finish_reason) for r in out],
-                   "updates": state["updates"], "api": dataclasses.asdict(adapter.api), "calls": calls}
+                   "updates": state["updates"], "modules": _third_party()}
         adapter.close()
         results.put(("generator", gid, payload))
     except BaseException:
