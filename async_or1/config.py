@@ -188,6 +188,9 @@ class TransportConfig:
     learner_address: str = _f("127.0.0.1", "Address generators connect to.")
     port: int = _f(0, "Learner's ZeroMQ ROUTER port; 0 picks a free port (single-node launch only).")
     weights_port: int = _f(0, "TCP port of the weight broadcast group's rendezvous; 0 picks a free port.")
+    weights_backend: Literal["auto", "nccl", "gloo"] = _f("auto", "Backend of the weight broadcast group. 'auto': "
+        "NCCL on GPU machines, gloo on CPU. 'gloo' on GPUs sends through host memory: needed when a generator shares "
+        "the learner's GPU (NCCL refuses two ranks on one device, e.g. scripts/gpu_smoke.sh).")
     high_water_mark: int = _f(0, "ZeroMQ send/receive high-water mark in messages; 0 is unlimited so nothing is "
                                  "dropped (senders block on the kernel buffer instead).")
     max_message_mb: int = _f(1024, "Frames larger than this are rejected and counted.")

@@ -173,7 +173,8 @@ def context_shims(ctx: Context, version: str) -> dict[str, dict[str, Any]]:
 # the model stand-in
 # ---------------------------------------------------------------------------------------------
 
-def make_model(spec: list[tuple[str, str, list[int]]]):
+def make_model(spec: list[tuple[str, str, list[int]]], keep_bytes: bool = True):
+    """``keep_bytes=False`` (benchmarks): log each call's names and byte counts only."""
     import torch
 
     class Model(torch.nn.Module):
@@ -196,7 +197,8 @@ def make_model(spec: list[tuple[str, str, list[int]]]):
                     raise ValueError(f"{name}: got {t.dtype}{tuple(t.shape)}, model has {p.dtype}{tuple(p.shape)}")
                 with torch.no_grad():
                     p.copy_(t)
-                call.append((name, t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()))
+                raw = t.contiguous().reshape(-1).view(torch.uint8)
+                call.append((name, raw.numpy().tobytes() if keep_bytes else raw.numel()))
             self.calls.append(call)
             return {n for n, _ in weights}
 

@@ -354,7 +354,7 @@ class GeneratorWorker:
 # process entry point (spawned by launch.py)
 # ---------------------------------------------------------------------------
 
-def build_engine(cfg: Any, model_path: str, generator_id: int) -> Any:
+def build_engine(cfg: Any, model_path: str, generator_id: int, device: str = "cpu") -> Any:
     if cfg.generation.engine == "sglang":
         from async_or1.generation.sglang_engine import SGLangEngine
 
@@ -364,7 +364,7 @@ def build_engine(cfg: Any, model_path: str, generator_id: int) -> Any:
                             weight_layout=g.sglang_weight_layout)
     from async_or1.generation.torch_engine import TorchEngine
 
-    return TorchEngine(model_path, dtype=cfg.model.dtype, max_batch_size=cfg.generation.max_batch_size,
+    return TorchEngine(model_path, dtype=cfg.model.dtype, device=device, max_batch_size=cfg.generation.max_batch_size,
                        seed=cfg.generation.seed + generator_id, weight_timeout_s=cfg.transport.weights_timeout_s)
 
 
@@ -396,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         from async_or1.transport.keys import generator_keys
 
         curve = generator_keys(spec["keys_dir"], args.generator_id)
-    engine = build_engine(cfg, spec["model_path"], args.generator_id)
+    engine = build_engine(cfg, spec["model_path"], args.generator_id,
+                          device="cuda" if spec.get("device_kind") == "cuda" else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer_path"])
     stop_ids = stop_token_ids(tokenizer, spec["model_path"])
     endpoint = ZmqGeneratorEndpoint(spec["address"], args.generator_id,

@@ -67,6 +67,8 @@ def build_spec(cfg: Any, inputs: dict, run_dir: Path, kind: str | None = None,
     from async_or1.launch_spec import device_kind, free_port
 
     kind = kind or device_kind()
+    if kind == "cpu" and cfg.transport.weights_backend == "nccl":
+        raise SystemExit("transport.weights_backend: 'nccl' needs GPUs and this machine has none (use 'auto' or 'gloo')")
     host = cfg.transport.host
     zmq_port = cfg.transport.port or free_port(host)
     return {
@@ -75,7 +77,8 @@ def build_spec(cfg: Any, inputs: dict, run_dir: Path, kind: str | None = None,
         "address": f"tcp://{cfg.transport.learner_address}:{zmq_port}",
         "weights_host": cfg.transport.learner_address,
         "weights_port": cfg.transport.weights_port or free_port(host),
-        "weights_backend": "nccl" if kind == "cuda" else "gloo",
+        "weights_backend": (("nccl" if kind == "cuda" else "gloo") if cfg.transport.weights_backend == "auto"
+                            else cfg.transport.weights_backend),
         "weights_layout": cfg.generation.sglang_weight_layout if cfg.generation.engine == "sglang" else "flat",
         "learner_backend": "nccl" if kind == "cuda" else "gloo",
         "learner_master_port": learner_master_port or free_port("127.0.0.1"),
