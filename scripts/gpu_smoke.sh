@@ -18,9 +18,7 @@ typing-inspection==0.4.2"
 
 case "${1:-}" in
   --prepare)
-    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
-    grep -qx '/.smoke-cache/' .git/info/exclude 2>/dev/null || echo '/.smoke-cache/' >> .git/info/exclude
-    mkdir -p .whl
+    mkdir -p .whl  # .whl/ and .smoke-cache/ are in .gitignore
     for w in $WHEELS; do
       python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

@@ -54,6 +54,7 @@ import itertools
 import multiprocessing as mp
 import os
 import queue
+import signal
 import time
 import traceback
 import types
@@ -450,8 +451,21 @@ def _third_party() -> list[str]:
     return sorted({m.split(".")[0] for m in list(sys.modules) if m.split(".")[0] not in std and not m.startswith("_")})
 
 
+def _leave(*queues: Any) -> None:
+    """Exit once everything this process put on ``queues`` is flushed (their feeder threads die with
+    ``os._exit``): interpreter teardown (process groups, torch) would take seconds."""
+    for q in queues:
+        q.close()
+        q.join_thread()
+    os._exit(0)
+
+
 def scheduler_main(root: str, cfg: dict, tp_rank: int, conn: Any, results: Any) -> None:
     """One TP rank's scheduler process."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(cfg["stuck_s"], exit=True)  # a hang leaves a stack trace, not a mystery
+    faulthandler.register(signal.SIGUSR1)
     try:
         import torch
         import torch.distributed as dist
@@ -494,6 +508,7 @@ def scheduler_main(root: str, cfg: dict, tp_rank: int, conn: Any, results: Any) 
             time.sleep(max(0.0, step_s - (time.perf_counter() - t0)))
         results.put(("scheduler", cfg["gen"], tp_rank, {"calls": model.calls, "flushes": sched.flushes,
                                                          "stubbed": sorted(src.stubbed), "modules": _third_party()}))
+        _leave(results)
     except BaseException:
         results.put(("scheduler", cfg["gen"], tp_rank, {"error": traceback.format_exc()}))
         if conn is not None:
@@ -579,23 +594,30 @@ class TokenizerManager:
             self._reader = self.loop.create_task(self._read())
 
     async def _read(self) -> None:
-        while True:
-            while self.conn.poll():
-                kind, payload = self.conn.recv()
-                if kind == "died":
-                    self._dead = payload
-                    for f in self._pending + list(self._outputs.values()):
-                        if not f.done():
-                            f.set_exception(SchedulerDied(payload))
-                    self._pending.clear()
-                    return
-                if kind == "reply":
-                    self._pending.pop(0).set_result(payload)
-                else:
-                    fut = self._outputs.pop(payload["rid"], None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(payload)
-            await asyncio.sleep(0.002)
+        try:
+            while True:
+                while self.conn.poll():
+                    kind, payload = self.conn.recv()
+                    if kind == "died":
+                        self._fail(SchedulerDied(payload))
+                        return
+                    if kind == "reply":
+                        self._pending.pop(0).set_result(payload)
+                    else:
+                        fut = self._outputs.pop(payload["rid"], None)
+                        if fut is not None and not fut.done():
+                            fut.set_result(payload)
+                await asyncio.sleep(0.002)
+        except BaseException as e:  # the harness's own failure must surface, not hang the requests
+            self._fail(RuntimeError(f"harness tokenizer-manager reader failed: {e!r}"))
+            raise
+
+    def _fail(self, exc: BaseException) -> None:
+        self._dead = str(exc)
+        for f in self._pending + list(self._outputs.values()):
+            if not f.done():
+                f.set_exception(exc)
+        self._pending.clear()
 
     def _send(self, obj: Any) -> None:
         if self._dead:
@@ -690,7 +712,7 @@ TM_METHODS = ["pause_generation", "continue_generation", "update_weights_from_di
 
 
 def build(root: str, version: str, *, gen: int, tp_size: int, model_spec: list, vocab: int, results: Any,
-          weight_version: str = "0", step_s: float = 0.01) -> Engine:
+          weight_version: str = "0", step_s: float = 0.01, stuck_s: float = 600.0) -> Engine:
     """Start the TP-rank scheduler processes and return the engine (call in the generator process)."""
     import socket
 
@@ -698,8 +720,10 @@ def build(root: str, version: str, *, gen: int, tp_size: int, model_spec: list, 
         s.bind(("127.0.0.1", 0))
         tp_port = s.getsockname()[1]
     cfg = {"tp_size": tp_size, "tp_port": tp_port, "weight_version": weight_version, "model_spec": model_spec,
-           "vocab": vocab, "version": version, "step_s": step_s, "gen": gen}
-    mpc = mp.get_context("spawn")
+           "vocab": vocab, "version": version, "step_s": step_s, "gen": gen, "stuck_s": stuck_s}
+    # fork: the generator has torch and SGLang's modules loaded and no thread or process group yet, so
+    # each TP rank starts in milliseconds instead of importing torch again
+    mpc = mp.get_context("fork")
     here, there = mpc.Pipe()
     procs = [mpc.Process(target=scheduler_main, args=(root, cfg, r, there if r == 0 else None, results), daemon=True)
              for r in range(tp_size)]
@@ -755,6 +779,10 @@ def learner_main(cfg: dict, inboxes: list, results: Any, go: Any) -> None:
     """Learner rank 0: our GroupChannel forms the group (world and rank offsets from the engines' TP
     sizes) and sends v1, v2; then the group is re-formed (a new epoch, as after a generator restart)
     and v3 goes out on it."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(cfg["timeout_s"] - 5, exit=True)
+    faulthandler.register(signal.SIGUSR1)
     try:
         import torch
 
@@ -796,24 +824,41 @@ def learner_main(cfg: dict, inboxes: list, results: Any, go: Any) -> None:
         results.put(("learner", "ok", None))
     except BaseException:
         results.put(("learner", "error", traceback.format_exc()))
+    _leave(results, *inboxes)  # the "stop"s too
 
 
 def generator_main(root: str, version: str, gid: int, cfg: dict, inbox: Any, results: Any) -> None:
     """One generator: our SGLangEngine over the miniature SGLang; requests keep running (``more``)
     while weight messages are handled between steps, as the worker does with ``in_flight``."""
+    import faulthandler
+
     try:
         import torch
 
         torch.set_num_threads(1)
         eng = build(root, version, gen=gid, tp_size=cfg["tp"], model_spec=model_spec(), vocab=cfg["vocab"],
-                    results=results, weight_version="0")
+                    results=results, weight_version="0", stuck_s=cfg["stuck_s"])
+        # after the TP ranks are forked: a forked child must not inherit faulthandler's watchdog thread
+        faulthandler.dump_traceback_later(cfg["stuck_s"], exit=True)
+        faulthandler.register(signal.SIGUSR1)
         from async_or1.generation.engine import GenRequest, SamplingParams, WeightGroupSpec
         from async_or1.generation.sglang_engine import SGLangEngine
         from async_or1.transport import messages as m
 
         adapter = SGLangEngine("unused", engine=eng, tp_size=cfg["tp"], pause_mode=cfg["pause_mode"],
                                weight_layout=cfg["layout"], poll_s=0.01)
-        state = {"stop": False, "epoch": 0, "open": 0, "n": 0, "updates": [], "ready": False}
+
+        def dump_state(signum: int, frame: Any) -> None:
+            import sys
+
+            tm, lock = eng.tokenizer_manager, eng.tokenizer_manager.model_update_lock
+            print(f"gen {gid} state: tasks {len(adapter._tasks)} done {sum(t.done() for t in adapter._tasks)} "
+                  f"outputs {list(tm._outputs)} pending {len(tm._pending)} is_pause {tm.is_pause} "
+                  f"lock {vars(lock)} reader {tm._reader} dead {tm._dead} stop {state['stop']} open {state['open']}",
+                  file=sys.stderr, flush=True)
+
+        signal.signal(signal.SIGUSR2, dump_state)
+        state = {"stop": False, "epoch": 0, "open": 0, "n": 0, "updates": [], "ready": False, "joins": []}
 
         def request() -> GenRequest:
             state["n"] += 1
@@ -833,11 +878,13 @@ def generator_main(root: str, version: str, gid: int, cfg: dict, inbox: Any, res
             if msg == "stop":
                 state["stop"] = True
             elif isinstance(msg, m.WeightGroupInit):
+                t0 = time.perf_counter()
                 adapter.init_weight_group(WeightGroupSpec(msg.master_address, msg.master_port,
                                                           rank_offset=int(msg.ranks[str(gid)]),
                                                           world_size=msg.world_size, group_name=msg.group_name,
                                                           backend=msg.backend))
                 state["epoch"] = msg.epoch
+                state["joins"].append(round(time.perf_counter() - t0, 3))
             elif isinstance(msg, m.WeightUpdate):
                 if msg.group_epoch != state["epoch"]:
                     raise AssertionError(f"update v{msg.version} for epoch {msg.group_epoch}, mine {state['epoch']}")
@@ -848,22 +895,22 @@ def generator_main(root: str, version: str, gid: int, cfg: dict, inbox: Any, res
             if not state["ready"] and state["open"] >= cfg["inflight"]:
                 state["ready"] = True
                 results.put(("ready", gid))
-            while True:
-                try:
-                    msg = inbox.get_nowait()
-                except queue.Empty:
-                    return
-                handle(msg)
+            # one message per step: requests from ``more`` join between a group's formation and an update
+            try:
+                handle(inbox.get_nowait())
+            except queue.Empty:
+                pass
 
         out = []
         while not state["stop"]:
             out += adapter.generate([request()], between_steps=between, on_result=on_result, more=more)
         payload = {"results": [(r.request_id, r.tokens, r.logprobs, r.versions, r.finish_reason) for r in out],
-                   "updates": state["updates"], "modules": _third_party()}
+                   "updates": state["updates"], "joins_s": state["joins"], "modules": _third_party()}
         adapter.close()
         results.put(("generator", gid, payload))
     except BaseException:
         results.put(("generator", gid, {"error": traceback.format_exc()}))
+    _leave(results)
 
 
 def run_contract(root: str, version: str, *, layouts: tuple, tp_sizes: tuple = (2, 1),
@@ -876,7 +923,10 @@ def run_contract(root: str, version: str, *, layouts: tuple, tp_sizes: tuple = (
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
+    # forkserver, preloaded: one import of torch and our modules for all processes of every run
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "sglang_harness", "async_or1.weights",
+                                "async_or1.learner.broadcast", "async_or1.generation.sglang_engine"])
     results, go = ctx.Queue(), ctx.Queue()
     inboxes = [ctx.Queue() for _ in tp_sizes]
     lcfg = {"port": port, "layouts": layouts, "tp_sizes": list(tp_sizes), "bucket_bytes": bucket_bytes,
@@ -884,12 +934,13 @@ def run_contract(root: str, version: str, *, layouts: tuple, tp_sizes: tuple = (
     procs = [ctx.Process(target=learner_main, args=(lcfg, inboxes, results, go), daemon=True)]
     for gid, tp in enumerate(tp_sizes):
         gcfg = {"tp": tp, "vocab": 97, "pause_mode": pause_modes[gid % len(pause_modes)],
-                "layout": layouts[0], "max_new_tokens": max_new_tokens, "inflight": inflight}
+                "layout": layouts[0], "max_new_tokens": max_new_tokens, "inflight": inflight, "stuck_s": timeout_s - 5}
         procs.append(ctx.Process(target=generator_main, args=(root, version, gid, gcfg, inboxes[gid], results),
                                  daemon=False))
     for p in procs:
         p.start()
-    report: dict = {"sent": [], "generator": {}, "scheduler": {}, "learner": None}
+    report: dict = {"sent": [], "generator": {}, "scheduler": {}, "learner": None, "timeline": []}
+    t_start = time.perf_counter()
     expected = 1 + len(tp_sizes) + sum(tp_sizes)  # learner, generators, scheduler ranks
     ready = set()
     deadline = time.time() + timeout_s
@@ -902,6 +953,9 @@ def run_contract(root: str, version: str, *, layouts: tuple, tp_sizes: tuple = (
                 if not any(p.is_alive() for p in procs[1:]) and results.empty():
                     break
                 continue
+            report["timeline"].append((round(time.perf_counter() - t_start, 2), msg[0], msg[1]))
+            if os.environ.get("ASYNC_OR1_CONTRACT_DEBUG"):
+                print("contract:", report["timeline"][-1], flush=True)
             if msg[0] == "ready":
                 ready.add(msg[1])
                 if len(ready) == len(tp_sizes):
@@ -928,4 +982,5 @@ def run_contract(root: str, version: str, *, layouts: tuple, tp_sizes: tuple = (
                 p.kill()
                 p.join(timeout=5)
     report["timed_out"] = done < expected
+    report["timeline"].append((round(time.perf_counter() - t_start, 2), "joined", None))
     return report
