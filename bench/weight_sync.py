@@ -147,9 +147,9 @@ def _proc(rank: int, args: dict, q) -> None:
         for method in methods:
             layout = {"sglang_flattened": "flattened_bucket", "sglang_per_tensor": "per_tensor"}.get(
                 method, method.replace("_into", ""))
-            up = None if method.startswith("raw") else plan_update(rep, [n for n, _ in shapes], [args["dtype"]] * len(shapes),
-                                                          [s for _, s in shapes], args["bucket_mb"] << 20,
-                                                          layout=layout)
+            up = None if method.startswith("raw") else plan_update(
+                rep, [n for n, _ in shapes], [args["dtype"]] * len(shapes), [s for _, s in shapes],
+                args["bucket_mb"] << 20, layout=layout)
             sync()
             t0 = time.perf_counter()
             if method == "raw" or (method == "raw_fresh" and rank == 0):
@@ -201,7 +201,8 @@ def main() -> int:
     med = {k: statistics.median(v) for k, v in res["times_s"].items()}
     load = os.getloadavg()
     out = {"model": f"Qwen2-0.5B tensor shapes, {a.layers} layers, {a.dtype}", "backend": "gloo, loopback, 2 processes",
-           "sglang": sglang, "receiver_malloc": a.receiver_malloc, "bytes": res["bytes"], "tensors": res["tensors"], "bucket_mb": a.bucket_mb,
+           "sglang": sglang, "receiver_malloc": a.receiver_malloc, "bytes": res["bytes"], "tensors": res["tensors"],
+           "bucket_mb": a.bucket_mb,
            "repeats": a.repeats, "times_s": res["times_s"], "median_s": med,
            "gb_per_s": {k: res["bytes"] / v / 1e9 for k, v in med.items()},
            # per repeat (methods run back to back within one), then the median: robust to load drifting

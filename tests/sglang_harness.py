@@ -687,8 +687,8 @@ class TokenizerManager:
 class Engine:
     """``sglang.Engine``'s surface: SGLang's methods (bound in ``build``) over the harness's state."""
 
-    def __init__(self, tm: TokenizerManager, procs: list, conns: list) -> None:
-        self.tokenizer_manager, self.loop, self._procs, self._conns = tm, tm.loop, procs, conns
+    def __init__(self, tm: TokenizerManager, procs: list) -> None:
+        self.tokenizer_manager, self.loop, self._procs = tm, tm.loop, procs
         self.server_args = tm.server_args
 
     def shutdown(self) -> None:
@@ -735,20 +735,9 @@ def build(root: str, version: str, *, gen: int, tp_size: int, model_spec: list, 
     asyncio.set_event_loop(loop)
     tm = TokenizerManager(here, vocab, weight_version, loop, ctx)
     bind(tm, TM_METHODS, TM_CLASSES)
-    eng = Engine(tm, procs, [here])
+    eng = Engine(tm, procs)
     bind(eng, ENGINE_METHODS, ENGINE_CLASSES)
     return eng
-
-
-def drain(q: Any, n: int, timeout_s: float) -> list:
-    out = []
-    deadline = time.time() + timeout_s
-    while len(out) < n:
-        try:
-            out.append(q.get(timeout=max(0.1, deadline - time.time())))
-        except queue.Empty:
-            break
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """SGLang's own code, from its published wheels, on a CPU machine without SGLang's dependencies.
 
-``ensure(version)`` downloads ``sglang==version`` with ``pip download --no-deps`` into a cache
-(``$ASYNC_OR1_SGLANG_WHEELS``, else ``$ASYNC_OR1_CACHE/wheels``, else ``~/.cache/async-or1/wheels``;
-under a file lock, so concurrent runs share one download) and unpacks its ``sglang/`` Python sources
-beside the wheel. Nothing of SGLang is committed here; CI downloads on a fresh machine.
+``ensure(version)`` downloads the ``sglang==version`` wheel with ``pip download --no-deps`` (the
+CPython 3.11 / manylinux_2_34 one where SGLang ships binary wheels: only its Python sources are used)
+into a cache (``$ASYNC_OR1_SGLANG_WHEELS``, else ``$ASYNC_OR1_CACHE/wheels``, else
+``~/.cache/async-or1/wheels``; under a file lock, so concurrent runs share one download) and unpacks
+its ``sglang/`` Python sources beside the wheel. Nothing of SGLang is committed here; CI downloads on
+a fresh machine.
 
 ``install(root)`` makes ``import sglang...`` resolve to those sources, *lazily*: a module's
 top-level statements run only when a name they bind is first needed (by SGLang's code or ours).
@@ -22,7 +24,6 @@ import __future__
 import abc
 import ast
 import builtins
-import contextlib
 import fcntl
 import importlib
 import importlib.abc
@@ -67,8 +68,12 @@ def ensure(version: str) -> tuple[Path, dict]:
         if not wheels:
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                # Only the Python sources are used, so one fixed wheel (the same files on any machine) is
+                # fetched whatever this machine's Python or glibc; never an sdist to build.
                 r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                                    "-q", "-d", tmp, f"sglang=={version}"], capture_output=True, text=True)
+                                    "-q", "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
+                                    "--platform", "manylinux_2_34_x86_64", "-d", tmp, f"sglang=={version}"],
+                                   capture_output=True, text=True)
                 if r.returncode != 0:
                     raise RuntimeError(f"pip download sglang=={version} failed:\n{r.stdout}\n{r.stderr}")
                 for w in Path(tmp).glob("*.whl"):
@@ -438,12 +443,3 @@ def has(module: str, qualname: str) -> bool:
     if not path.exists():
         return False
     return _INSTALLED.source(module).has(qualname)
-
-
-@contextlib.contextmanager
-def quiet_warnings():
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield

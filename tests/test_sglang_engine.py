@@ -133,19 +133,7 @@ def test_module_import_does_not_import_sglang():
 # ---- stand-ins for SGLang, by version -------------------------------------------------------------
 
 @dataclass
-class UpdateReq:  # UpdateWeightsFromDistributedReqInput, with the fields of the version modelled
-    names: list
-    dtypes: list
-    shapes: list
-    group_name: str = "weight_update_group"
-    flush_cache: bool = True
-    abort_all_requests: bool = False
-    weight_version: str | None = None
-    load_format: str | None = None
-
-
-@dataclass
-class UpdateReq049:
+class UpdateReq049:  # UpdateWeightsFromDistributedReqInput, with the fields each version has
     names: list
     dtypes: list
     shapes: list
@@ -157,6 +145,11 @@ class UpdateReq049:
 @dataclass
 class UpdateReq055(UpdateReq049):
     weight_version: str | None = None
+
+
+@dataclass
+class UpdateReq(UpdateReq055):  # 0.5.10+
+    load_format: str | None = None
 
 
 @dataclass
@@ -297,7 +290,8 @@ class FakeSGLang:
                 if me in q:
                     q.remove(me)
         fr = {"type": "abort"} if self.aborted else {"type": "length"}
-        return [_out(toks, [-0.1] * len(toks), fr, spans=[tuple(x) for x in spans] if _v(self.version) >= (0, 5, 21) else None)]
+        spans_out = [tuple(x) for x in spans] if _v(self.version) >= (0, 5, 21) else None
+        return [_out(toks, [-0.1] * len(toks), fr, spans=spans_out)]
 
     def init_weights_update_group(self, master_address, master_port, rank_offset, world_size, group_name,
                                   backend="nccl"):

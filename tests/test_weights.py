@@ -227,7 +227,7 @@ def _stream_role(role: str, ports: dict, q) -> None:
         rank = 0 if role == "sender" else 1
         grp = init_weight_group("127.0.0.1", ports["w"], rank, 2, group_name="stream", timeout_s=60)
         out = []
-        for layout in ("flat", "per_tensor"):
+        for layout in ("flat", "per_tensor", "flattened_bucket"):
             up, state = _plan(5, layout)
             if rank == 0:
                 alive: list = []
@@ -255,9 +255,48 @@ def _stream_role(role: str, ports: dict, q) -> None:
 
 def test_send_weights_streams_a_generator_holding_at_most_one_bucket():
     out = _run_roles(_stream_role, ["sender", "receiver"], {"w": _free_port()})
-    assert out["receiver"] == ["flat", "per_tensor"]
-    (_, flat_held, _), (_, pt_held, pt_bucket) = out["sender"]
-    assert flat_held == 0  # flat: each tensor is staged (or sent, if alone) before the next is pulled
+    assert out["receiver"] == ["flat", "per_tensor", "flattened_bucket"]
+    (_, flat_held, _), (_, pt_held, pt_bucket), (_, packed_held, _) = out["sender"]
+    assert flat_held == packed_held == 0  # each tensor is staged (or sent, if alone) before the next is pulled
     # per_tensor: at most the current bucket's tensors (Python references: the async work holds its
     # tensors in C++, so their release at the bucket's end is not observable here)
     assert pt_held < pt_bucket
+
+
+def test_weight_group_announces_tp_rank_offsets_and_a_fresh_name_per_epoch(monkeypatch):
+    """What generators are told when the group forms (the collective itself: tests/test_weight_group.py
+    and, against SGLang's code, tests/test_sglang_contract.py)."""
+    import async_or1.weights.protocol as protocol
+    from async_or1.transport import messages as m
+    from async_or1.weights.group import WeightGroup
+
+    joined, destroyed = [], []
+    monkeypatch.setattr(protocol, "init_weight_group", lambda addr, port, rank, world, group_name, backend, timeout_s,
+                        bind_host: joined.append((rank, world, group_name)) or object())
+    monkeypatch.setattr(protocol, "destroy_weight_group", lambda g: destroyed.append(g))
+    monkeypatch.setattr(protocol, "send_weights", lambda group, update, tensors: [t for t in tensors] and {})
+
+    class Controller:
+        def __init__(self):
+            self.posted, self.membership = [], 1
+
+        def members(self):
+            return self.membership, [0, 1]
+
+        def post(self, msg, peer=None):
+            self.posted.append((peer, msg))
+
+        def flush(self, timeout_s=10.0):
+            pass
+
+    ctl = Controller()
+    wg = WeightGroup(ctl, master_address="127.0.0.1", bind_host="127.0.0.1", first_port=1234, backend="gloo",
+                     layout="flattened_bucket", bucket_bytes=64, timeout_s=5, engine_ranks=2)
+    specs = [("w", "float32", [4])]
+    assert wg.send(1, specs, iter([("w", torch.zeros(4))]))
+    ctl.membership += 1  # a generator restarted: the next send re-forms the group
+    assert wg.send(2, specs, iter([("w", torch.zeros(4))]))
+    inits = [msg for _, msg in ctl.posted if isinstance(msg, m.WeightGroupInit)]
+    assert [(i.epoch, i.world_size, i.ranks) for i in inits[::2]] == [(1, 5, {"0": 1, "1": 3}), (2, 5, {"0": 1, "1": 3})]
+    assert inits[0].group_name != inits[2].group_name  # SGLang refuses a group name it has seen
+    assert joined == [(0, 5, inits[0].group_name), (0, 5, inits[2].group_name)] and len(destroyed) == 1
