@@ -182,6 +182,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--bucket-mb", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "weight_sync.json"))
     ap.add_argument("--receiver-malloc", action="store_true", help="tune_malloc() in the receiver: freed buffers "
                     "up to 32 MiB are reused instead of faulted in afresh (closer to a GPU's caching allocator)")
     a = ap.parse_args()
@@ -210,7 +211,7 @@ def main() -> int:
            "of_raw_fresh": {k: _paired(res["times_s"]["raw_fresh"], v) for k, v in res["times_s"].items()},
            "load_avg_1_5_15": [round(x, 2) for x in load], "cpus": os.cpu_count(),
            "command": "python bench/weight_sync.py " + " ".join(sys.argv[1:])}
-    path = ROOT / "bench" / "results" / "weight_sync.json"
+    path = Path(a.out).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
     r = out["of_raw"]
@@ -221,7 +222,7 @@ def main() -> int:
           f"gloo loopback, load {load[0]:.1f}: raw {med['raw']:.2f} s ({out['gb_per_s']['raw']:.2f} GB/s), raw_fresh "
           f"{med['raw_fresh']:.2f} s; of raw: "
           f"{('SGLang ' + sglang + ' ' + sg + '; ') if sglang else ''}flat_into {r['flat_into']:.2f}, per_tensor_into "
-          f"{r['per_tensor_into']:.2f}, flat {r['flat']:.2f}, per_tensor {r['per_tensor']:.2f} -> {path.relative_to(ROOT)}")
+          f"{r['per_tensor_into']:.2f}, flat {r['flat']:.2f}, per_tensor {r['per_tensor']:.2f} -> {path}")
     return 0
 
 
