@@ -741,7 +741,7 @@ def build(root: str, version: str, *, gen: int, tp_size: int, model_spec: list, 
 
 
 # ---------------------------------------------------------------------------------------------
-# the two sides of a contract run: our learner (GroupChannel + send_weights), our adapter
+# the two sides of a contract run: our learner (WeightGroup + send_weights), our adapter
 # ---------------------------------------------------------------------------------------------
 
 def model_weights(version: int) -> list[tuple[str, Any]]:
@@ -765,47 +765,52 @@ def model_spec() -> list[tuple[str, str, list[int]]]:
 
 
 def learner_main(cfg: dict, inboxes: list, results: Any, go: Any) -> None:
-    """Learner rank 0: our GroupChannel forms the group (world and rank offsets from the engines' TP
-    sizes) and sends v1, v2; then the group is re-formed (a new epoch, as after a generator restart)
-    and v3 goes out on it."""
+    """Learner rank 0: our WeightGroup forms the group (world and rank offsets from the engines' TP
+    size) and sends v1, v2; then the membership changes (as after a generator restart), so the next
+    send re-forms the group (a new epoch, a new name) and v3 goes out on it."""
     import faulthandler
 
     faulthandler.dump_traceback_later(cfg["timeout_s"] - 5, exit=True)
     faulthandler.register(signal.SIGUSR1)
     try:
+        import inspect
+
         import torch
 
-        from async_or1.learner.broadcast import GroupChannel
+        from async_or1.weights.group import WeightGroup
 
         torch.set_num_threads(1)
 
-        class Controller:
-            def post(self, msg: Any) -> None:
-                for q in inboxes:
-                    q.put(msg)
+        class Controller:  # learner/controller.py's members/post/flush, over the harness's queues
+            membership = 1
 
-            def flush(self) -> None:
+            def members(self) -> tuple:
+                return self.membership, list(range(len(inboxes)))
+
+            def post(self, msg: Any, peer: Any = None) -> None:
+                for g, q in enumerate(inboxes):
+                    if peer is None or peer == f"gen-{g}":
+                        q.put(msg)
+
+            def flush(self, timeout_s: float = 10.0) -> None:
                 pass
 
-            def alive_generators(self) -> list:
-                return list(range(len(inboxes)))
-
-        import inspect
-
-        kw = {"engine_ranks": cfg["tp_sizes"]}
-        if "engine_ranks" not in inspect.signature(GroupChannel).parameters:  # (the code before issue 11, for
-            kw = {}                                                           # checking that these tests catch it)
-        ch = GroupChannel(Controller(), host="127.0.0.1", first_port=cfg["port"], backend="gloo",
-                          layout=cfg["layouts"][0], num_generators=len(inboxes), bucket_bytes=cfg["bucket_bytes"],
-                          timeout_s=cfg["timeout_s"], **kw)
+        kw = {"engine_ranks": cfg["tp"]}
+        if "engine_ranks" not in inspect.signature(WeightGroup).parameters:  # (the code before issue 11, for
+            kw = {}                                                          # checking that these tests catch it)
+        ctl = Controller()
+        ch = WeightGroup(ctl, master_address="127.0.0.1", bind_host="127.0.0.1", first_port=cfg["port"],
+                         backend="gloo", layout=cfg["layouts"][0], bucket_bytes=cfg["bucket_bytes"],
+                         timeout_s=cfg["timeout_s"], attempts=1, **kw)
         go.get(timeout=cfg["timeout_s"])  # every generator has requests running
         for k, version in enumerate((1, 2, 3)):
             if version == 3:
-                ch.broken = True  # what a generator restart does: the next send re-forms the group
+                ctl.membership += 1  # what a generator restart does: the next send re-forms the group
             ch.layout = cfg["layouts"][k]
             named = model_weights(version)
+            specs = [(n, str(t.dtype).replace("torch.", ""), list(t.shape)) for n, t in named]
             t0 = time.perf_counter()
-            ok = ch.send(version, [n for n, _ in named], [t for _, t in named])
+            ok = ch.send(version, specs, iter(named))
             results.put(("sent", version, ok, ch.epoch, round(time.perf_counter() - t0, 3)))
             time.sleep(cfg["gap_s"])  # tokens from this version before the next
         for q in inboxes:
@@ -902,10 +907,10 @@ def generator_main(root: str, version: str, gid: int, cfg: dict, inbox: Any, res
     _leave(results)
 
 
-def run_contract(root: str, version: str, *, layouts: tuple, tp_sizes: tuple = (2, 1),
+def run_contract(root: str, version: str, *, layouts: tuple, tp: int = 2, generators: int = 2,
                  pause_modes: tuple = ("retract", "in_place"), bucket_bytes: int = 2048, timeout_s: float = 150.0,
                  max_new_tokens: int = 40, inflight: int = 3) -> dict:
-    """Learner + one generator per entry of ``tp_sizes`` (each with its TP scheduler processes);
+    """Learner + ``generators`` generators (each with ``tp`` TP scheduler processes);
     returns every process's report, keyed ``learner``, ``sent``, ``generator`` and ``scheduler``."""
     import socket
 
@@ -915,13 +920,13 @@ def run_contract(root: str, version: str, *, layouts: tuple, tp_sizes: tuple = (
     # forkserver, preloaded: one import of torch and our modules for all processes of every run
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "torch.distributed", "sglang_harness", "async_or1.weights",
-                                "async_or1.learner.broadcast", "async_or1.generation.sglang_engine"])
+                                "async_or1.weights.group", "async_or1.generation.sglang_engine"])
     results, go = ctx.Queue(), ctx.Queue()
-    inboxes = [ctx.Queue() for _ in tp_sizes]
-    lcfg = {"port": port, "layouts": layouts, "tp_sizes": list(tp_sizes), "bucket_bytes": bucket_bytes,
+    inboxes = [ctx.Queue() for _ in range(generators)]
+    lcfg = {"port": port, "layouts": layouts, "tp": tp, "bucket_bytes": bucket_bytes,
             "timeout_s": timeout_s, "gap_s": 0.3}
     procs = [ctx.Process(target=learner_main, args=(lcfg, inboxes, results, go), daemon=True)]
-    for gid, tp in enumerate(tp_sizes):
+    for gid in range(generators):
         gcfg = {"tp": tp, "vocab": 97, "pause_mode": pause_modes[gid % len(pause_modes)],
                 "layout": layouts[0], "max_new_tokens": max_new_tokens, "inflight": inflight, "stuck_s": timeout_s - 5}
         procs.append(ctx.Process(target=generator_main, args=(root, version, gid, gcfg, inboxes[gid], results),
@@ -930,7 +935,7 @@ def run_contract(root: str, version: str, *, layouts: tuple, tp_sizes: tuple = (
         p.start()
     report: dict = {"sent": [], "generator": {}, "scheduler": {}, "learner": None, "timeline": []}
     t_start = time.perf_counter()
-    expected = 1 + len(tp_sizes) + sum(tp_sizes)  # learner, generators, scheduler ranks
+    expected = 1 + generators + generators * tp  # learner, generators, scheduler ranks
     ready = set()
     deadline = time.time() + timeout_s
     done = 0
@@ -947,7 +952,7 @@ def run_contract(root: str, version: str, *, layouts: tuple, tp_sizes: tuple = (
                 print("contract:", report["timeline"][-1], flush=True)
             if msg[0] == "ready":
                 ready.add(msg[1])
-                if len(ready) == len(tp_sizes):
+                if len(ready) == generators:
                     go.put("go")
             elif msg[0] == "sent":
                 report["sent"].append(msg[1:])
