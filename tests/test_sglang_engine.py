@@ -436,9 +436,10 @@ def test_reinit_destroys_the_old_group_where_sglang_can():
 
 
 def test_tp_engines_get_their_ranks_from_the_group_layout():
-    world, offsets = group_layout([2, 2])
+    world, offsets = group_layout([0, 1], engine_ranks=2)  # two TP-2 engines
+    assert (world, offsets) == (5, {"0": 1, "1": 3})
     eng, f = _engine("0.5.21", tp_size=2)
-    eng.init_weight_group(WeightGroupSpec("h", 1, rank_offset=offsets[1], world_size=world, group_name="w"))
+    eng.init_weight_group(WeightGroupSpec("h", 1, rank_offset=offsets["1"], world_size=world, group_name="w"))
     assert f.calls[-1] == ("init", 3, 5, "w")
     with pytest.raises(ValueError, match="ranks 2..3, outside the group's world size 3"):
         eng.init_weight_group(WeightGroupSpec("h", 1, rank_offset=2, world_size=3, group_name="w2"))  # 1 + 2 engines
