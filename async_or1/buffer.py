@@ -45,6 +45,26 @@ def can_admit(n_new: int, accepted: int, running: int, limit: int) -> bool:
     return accepted + running + n_new <= limit
 
 
+def p90(values: list) -> float:
+    """Nearest-rank 90th percentile (the smallest value with at least 90% of the values at or below
+    it); NaN for no values."""
+    if not values:
+        return float("nan")
+    v = sorted(values)
+    return float(v[max(math.ceil(0.9 * len(v)) - 1, 0)])
+
+
+def group_mix(groups: list, prefix: str) -> dict[str, float]:
+    """Response length (tokens: mean and p90 over samples) and mean reward of ``groups``, as
+    ``{prefix}_len_mean``, ``{prefix}_len_p90``, ``{prefix}_reward_mean`` (NaN when empty): what a
+    drop policy does to the data shows as the trained mix drifting from the generated one."""
+    lengths = [len(s.tokens) for g in groups for s in g.samples]
+    rewards = [float(s.reward) for g in groups for s in g.samples]
+    nan = float("nan")
+    return {f"{prefix}_len_mean": sum(lengths) / len(lengths) if lengths else nan, f"{prefix}_len_p90": p90(lengths),
+            f"{prefix}_reward_mean": sum(rewards) / len(rewards) if rewards else nan}
+
+
 def _hist(values: list[int]) -> list[int]:
     """Histogram as a list: index = value (negatives clamped into 0)."""
     out = [0] * (max([max(v, 0) for v in values], default=-1) + 1)
@@ -82,6 +102,8 @@ class ReplayBuffer:
         # Reward over every well-formed group received since the last step_metrics, rejected ones
         # included: the trained groups' mean is biased toward 0.5 by zero-advantage rejection.
         self._sampled_reward = [0.0, 0]
+        # Groups by fate since the last step_metrics, for their length/reward mix (group_mix).
+        self._mix: dict[str, list] = {"generated": [], "dropped_stale": [], "rejected_zero_adv": []}
 
     # ---- admission ---------------------------------------------------------------------
     def _limit(self, version: int) -> int:
@@ -152,8 +174,10 @@ class ReplayBuffer:
             rewards = [float(s.reward) for s in group.samples]
             self._sampled_reward[0] += sum(rewards)
             self._sampled_reward[1] += len(rewards)
+            self._mix["generated"].append(group)
             if self.reject_zero_advantage and max(rewards) == min(rewards):
                 self._dropped["zero_advantage"] += 1
+                self._mix["rejected_zero_adv"].append(group)
                 return "zero_advantage"
             oldest = min(int(s.versions.min()) for s in group.samples if len(s.versions))
             self._queue.append((group, oldest))
@@ -188,6 +212,7 @@ class ReplayBuffer:
             s = staleness(version, oldest)
             if s > self.max_staleness:
                 self._dropped["stale"] += 1
+                self._mix["dropped_stale"].append(group)
             elif s < 0:
                 self._dropped["future_version"] += 1
                 log.error("buffer: group %r has tokens of version %d but the learner is at %d: dropped",
@@ -226,7 +251,9 @@ class ReplayBuffer:
             self._mark = collections.Counter(self._dropped)
             total, n = self._sampled_reward
             self._sampled_reward = [0.0, 0]
+            mix, self._mix = self._mix, {k: [] for k in self._mix}
             return {"reward_mean_sampled": total / n if n else float("nan"),
+                    **{k: v for fate, groups in mix.items() for k, v in group_mix(groups, fate).items()},
                     "staleness_hist_queue": _hist(taken),
                     "staleness_hist_inflight": _hist([staleness(version, v) for v in self._running.values()]),
                     "staleness_mean": sum(taken) / len(taken) if taken else 0.0,

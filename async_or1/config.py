@@ -51,10 +51,12 @@ class ModelConfig:
 
 @dataclass
 class StageConfig:
-    steps: int = _f(100, "Optimizer steps in this stage.")
+    steps: int = _f(100, "Training steps (rollout batches, versions) in this stage; each makes "
+                         "learner.mini_batches_per_step × learner.passes_per_batch optimizer steps.")
     max_response_tokens: int = _f(8192, "Maximum new tokens per sampled response in this stage (the paper's "
                                         "context length schedule: 8K, 16K, 32K).")
-    prompts_per_step: int = _f(256, "Prompts (= groups) consumed per optimizer step, global over learner ranks.")
+    prompts_per_step: int = _f(256, "Prompts (= groups) consumed per training step (the paper's rollout batch "
+                                    "D_R), global over learner ranks.")
     samples_per_prompt: int = _f(16, "Responses sampled per prompt (group size G for GRPO).")
 
 
@@ -96,12 +98,27 @@ class AlgoConfig:
                            "learner's, so keep 1.0 for on-policy-correct RL.")
     top_k: int = _f(-1, "Top-k sampling; -1 disables (see top_p).")
     adv_eps: float = _f(1e-6, "ε in A = (r − mean) / (std + ε).")
-    kl_coef: float = _f(0.0, "β of the k3 KL penalty against the initial policy; 0 (the MAGIC default) disables it "
-                             "and loads no reference model.")
-    correction: Literal["none", "tis", "decoupled"] = _f("none", "Off-policy correction: 'none' uses the "
-        "generator's log-probs as old; 'tis' multiplies the token loss by min(π_old/π_behav, tis_cap); 'decoupled' "
-        "recomputes proximal log-probs with the pre-update weights and ratios against them (AReaL).")
-    tis_cap: float = _f(2.0, "Cap of the truncated importance weight for 'tis' and 'decoupled'.")
+    kl_coef: float = _f(0.0, "β of the KL penalty β·KL(π_θ ‖ π_ref) per response token, π_ref a frozen copy of "
+                             "the initial policy (model.path), loaded only when β > 0 and partitioned like the "
+                             "policy under ZeRO-3. 0 (the MAGIC default, paper section 3.2.6) loads nothing.")
+    kl_estimator: Literal["k3", "k1"] = _f("k3", "Per-token KL estimator of the penalty: 'k3' = e^(ℓ_ref−ℓ_θ) − "
+                                               "(ℓ_ref−ℓ_θ) − 1 ≥ 0 (GRPO's), 'k1' = ℓ_θ − ℓ_ref.")
+    correction: Literal["none", "tis", "seq_is", "mis", "icepop", "m2po"] = _f("none", "Off-policy correction "
+        "(formulas and sources: async_or1/algo/corrections.py; ρ = π_prox/π_behav per token, π_prox the learner "
+        "before the step's first update). 'none': PPO ratio against the generator's log-probs, no weight. "
+        "Every other option ratios against π_prox and weights the token loss: 'tis' min(ρ, is_cap) (this is "
+        "decoupled PPO; is_cap=inf is its untruncated form); 'seq_is' min(Πρ, is_cap) per response; 'mis' Πρ, "
+        "the response masked outside [mis_low, mis_high]; 'icepop' ρ, the token masked outside [icepop_low, "
+        "icepop_high]; 'm2po' ρ with the tokens of largest (log ρ)² masked until their mean is <= m2po_threshold, "
+        "and no PPO clip.")
+    is_cap: float = _f(2.0, "C of 'tis' (per token) and 'seq_is' (per response): the behaviour weight is "
+                            "min(ratio, C) (Yao et al. 2025 and verl use 2). inf: untruncated.")
+    mis_low: float = _f(0.5, "'mis': lower bound of the response's Πρ; below it the response is masked.")
+    mis_high: float = _f(2.0, "'mis': upper bound of the response's Πρ (verl's Seq-MIS: [0.5, 2]).")
+    icepop_low: float = _f(0.5, "'icepop': lower bound α of the token's ρ; outside [α, β] the token is masked.")
+    icepop_high: float = _f(5.0, "'icepop': upper bound β (Ring-1T: [0.5, 5]).")
+    m2po_threshold: float = _f(0.04, "'m2po': τ_M2, the largest allowed mean (log ρ)² over the step's kept tokens "
+                                     "(M2PO paper: 0.04).")
     truncated_mask: Literal["none", "mask_truncated"] = _f("none", "Advantage mask for truncated responses "
                                                                     "(paper section 3.2.3); off by default.")
     reject_zero_advantage: bool = _f(True, "Reject groups whose rewards all agree (std 0): they carry no signal.")
@@ -160,7 +177,14 @@ class LearnerConfig:
                                                  "tokens); sequences are packed up to it, never split.")
     logprob_chunk_tokens: int = _f(1024, "Tokens per chunk of the memory-bounded log-prob/entropy computation.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward.")
-    broadcast_every_steps: int = _f(1, "Broadcast weights to generators every N optimizer steps.")
+    mini_batches_per_step: int = _f(1, "N_SGD of the paper (section 4): each training step's rollout batch "
+        "(prompts_per_step groups) is split into this many mini-batches of whole groups, one optimizer step each "
+        "(mini-batch = prompts_per_step / N prompts; Table 10's 256/128 is 2). Must divide every stage's "
+        "prompts_per_step. The version still counts training steps (see buffer.max_staleness).")
+    passes_per_batch: int = _f(1, "N_reuse of the paper: passes over the step's mini-batches, in the same order; a "
+        "step makes mini_batches_per_step × passes_per_batch optimizer steps. With more than one, the proximal "
+        "log-probs (the weights before the step's first update) are computed once, without gradients, before it.")
+    broadcast_every_steps: int = _f(1, "Broadcast weights to generators every N training steps (versions).")
     bucket_mb: int = _f(256, "Weight broadcast bucket size in MiB.")
     checkpoint_every_steps: int = _f(0, "Save a resumable checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = _f(2, "Resumable checkpoints kept on disk (complete ones; partial .tmp directories "
@@ -172,7 +196,9 @@ class LearnerConfig:
 
 @dataclass
 class BufferConfig:
-    max_staleness: int = _f(1, "η: the one staleness bound, in optimizer steps. A prompt is leased only while "
+    max_staleness: int = _f(1, "η: the one staleness bound, in versions. A version is one training step: one rollout "
+        "batch of prompts_per_step groups consumed, whatever its mini_batches_per_step × passes_per_batch optimizer "
+        "steps; weights are broadcast and tokens stamped in the same unit. A prompt is leased only while "
         "accepted + running < (η + version + 1) × prompts_per_step, and a group whose oldest token is more than "
         "η versions behind the learner when consumed is dropped (reason 'stale'). 0 is on-policy.")
     wait_timeout_s: float = _f(600.0, "The learner fails loudly if no batch completes within this time.")
@@ -510,6 +536,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"algo.clip_high must be >= 0, got {a.clip_high}")
     if a.temperature <= 0:
         raise ConfigError(f"algo.temperature must be > 0, got {a.temperature}")
+    if not a.is_cap > 0:
+        raise ConfigError(f"algo.is_cap must be > 0, got {a.is_cap}")
+    for lo, hi in (("mis_low", "mis_high"), ("icepop_low", "icepop_high")):
+        if not 0 < getattr(a, lo) < getattr(a, hi):
+            raise ConfigError(f"algo.{lo}/{hi} must satisfy 0 < {lo} < {hi}, got {getattr(a, lo)}, {getattr(a, hi)}")
+    if not a.m2po_threshold > 0:
+        raise ConfigError(f"algo.m2po_threshold must be > 0, got {a.m2po_threshold}")
+    if a.kl_coef < 0:
+        raise ConfigError(f"algo.kl_coef must be >= 0, got {a.kl_coef}")
+    lc = cfg.learner
+    for k in ("mini_batches_per_step", "passes_per_batch"):
+        if getattr(lc, k) < 1:
+            raise ConfigError(f"learner.{k} must be >= 1, got {getattr(lc, k)}")
     if cfg.buffer.max_staleness < 0:
         raise ConfigError(f"buffer.max_staleness must be >= 0, got {cfg.buffer.max_staleness}")
     if not 0 <= cfg.learner.zero_stage <= 3:
@@ -518,6 +557,10 @@ def validate(cfg: Config) -> None:
         for k in ("steps", "max_response_tokens", "prompts_per_step", "samples_per_prompt"):
             if getattr(st, k) < 1:
                 raise ConfigError(f"schedule[{i}].{k} must be >= 1, got {getattr(st, k)}")
+        if st.prompts_per_step % lc.mini_batches_per_step:
+            raise ConfigError(f"schedule[{i}].prompts_per_step={st.prompts_per_step} is not a multiple of "
+                              f"learner.mini_batches_per_step={lc.mini_batches_per_step} (mini-batches hold whole "
+                              f"groups, all of one size)")
     if cfg.generation.num_generators < 1:
         raise ConfigError("generation.num_generators must be >= 1")
     if cfg.generation.devices and len(cfg.generation.devices) != cfg.generation.num_generators:

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from async_or1.algo import (AdaptiveEntropy, grpo_advantages, kl_k3, logprobs_and_entropy, naive_logprobs_and_entropy,
-                            policy_loss, truncation_mask)
+from async_or1.algo import (AdaptiveEntropy, grpo_advantages, kl_k1, kl_k3, logprobs_and_entropy,
+                            naive_logprobs_and_entropy, policy_loss, truncation_mask)
 
 
 # ---- advantages -------------------------------------------------------------------------------
@@ -109,29 +109,27 @@ def test_all_masked_gives_zero_not_nan():
     assert torch.all(lp.grad == 0)
 
 
-def test_tis_weight_is_capped_and_carries_no_gradient():
-    # old − behav = log 3 → weight min(3, 2) = 2; ratio 1, A = 1 → pg = −1 · 2 = −2
+def test_weight_scales_the_token_loss_and_carries_no_gradient():
+    # weight 2 (e.g. a capped behaviour ratio), ratio 1, A = 1 → pg = −1 · 2 = −2; d/dlp = −2
     lp = torch.zeros(1, 1, dtype=torch.float64, requires_grad=True)
-    old = torch.zeros(1, 1, dtype=torch.float64)
-    behav = old - math.log(3.0)
-    loss, st = policy_loss(lp, old, torch.ones(1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64),
-                           behavior_logprobs=behav, tis_cap=2.0)
-    assert loss.item() == pytest.approx(-2.0)
-    assert st["tis_weight_mean"].item() == pytest.approx(2.0)
-    g, = torch.autograd.grad(loss, lp)
-    # d/dlp of −ratio·A·w = −w at ratio 1: the weight scales, it is not differentiated
-    assert g.item() == pytest.approx(-2.0)
+    w = torch.full((1, 1), 2.0, dtype=torch.float64, requires_grad=True)
+    loss, st = policy_loss(lp, torch.zeros(1, 1, dtype=torch.float64), torch.ones(1, dtype=torch.float64),
+                           torch.ones(1, 1, dtype=torch.float64), weight=w)
+    assert loss.item() == pytest.approx(-2.0) and st["weight_mean"].item() == pytest.approx(2.0)
+    g_lp, g_w = torch.autograd.grad(loss, [lp, w], allow_unused=True)
+    assert g_lp.item() == pytest.approx(-2.0) and g_w is None  # the weight scales, it is not optimised
 
 
-def test_decoupled_correction_is_the_same_function():
-    # Decoupled PPO: ratio against π_prox, times min(π_prox/π_behav, cap).
-    # prox = log 0.5, behav = log 0.25 → weight min(2, 3) = 2; logp = log 0.6 → ratio 1.2 (inside the clip)
-    lp = torch.log(torch.tensor([[0.6]], dtype=torch.float64))
-    prox = torch.log(torch.tensor([[0.5]], dtype=torch.float64))
-    behav = torch.log(torch.tensor([[0.25]], dtype=torch.float64))
-    loss, _ = policy_loss(lp, prox, torch.tensor([1.0], dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64),
-                          clip_high=0.28, behavior_logprobs=behav, tis_cap=3.0)
-    assert loss.item() == pytest.approx(-1.2 * 2.0)
+def test_unclipped_surrogate_has_no_trust_region():
+    # ratio 2, A = +1: clipped −min(2, 1.28) = −1.28 (no gradient); unclipped −2 with gradient −2
+    lp = torch.full((1, 1), math.log(2.0), dtype=torch.float64, requires_grad=True)
+    old, a, m = torch.zeros(1, 1, dtype=torch.float64), torch.ones(1, dtype=torch.float64), torch.ones(1, 1)
+    clipped, st = policy_loss(lp, old, a, m.double(), clip_high=0.28)
+    free, st_free = policy_loss(lp, old, a, m.double(), clip_high=0.28, clip=False)
+    assert clipped.item() == pytest.approx(-1.28) and free.item() == pytest.approx(-2.0)
+    assert torch.autograd.grad(clipped, lp)[0].item() == 0.0
+    assert torch.autograd.grad(free, lp)[0].item() == pytest.approx(-2.0)
+    assert st["clip_high_count"].item() == 1 and st_free["clip_high_count"].item() == 0
 
 
 def test_kl_k3_hand_value_and_term():
@@ -142,8 +140,28 @@ def test_kl_k3_hand_value_and_term():
     loss, st = policy_loss(lp, lp.clone(), torch.zeros(1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64),
                            kl_coef=0.5, ref_logprobs=ref)
     assert loss.item() == pytest.approx(0.5 * (1 - math.log(2.0)))
+    assert st["kl_mean"].item() == pytest.approx(1 - math.log(2.0))
     with pytest.raises(ValueError):
         policy_loss(lp, lp, torch.zeros(1), torch.ones(1, 1), kl_coef=0.5)
+
+
+def test_kl_k1_and_k3_gradients_by_hand():
+    # logp = log 0.5, ref = log 0.25 (d = ref − logp = −log 2):
+    #   k1 = logp − ref = log 2 = 0.693147, d k1/d logp = 1
+    #   k3 = e^d − d − 1 = 0.5 + 0.693147 − 1 = 0.193147, d k3/d logp = −e^d + 1 = 0.5
+    # Two tokens (the second masked out), β = 0.1, num_tokens 1: loss = β·KL of token 1.
+    lp = torch.log(torch.tensor([[0.5, 0.9]], dtype=torch.float64)).requires_grad_(True)
+    ref = torch.log(torch.tensor([[0.25, 0.1]], dtype=torch.float64))
+    mask = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    zero_adv = torch.zeros(1, dtype=torch.float64)
+    assert kl_k1(lp[:, :1], ref[:, :1]).item() == pytest.approx(math.log(2.0))
+    for est, value, grad in (("k1", math.log(2.0), 1.0), ("k3", 0.5 + math.log(2.0) - 1.0, 0.5)):
+        loss, st = policy_loss(lp, lp.detach(), zero_adv, mask, kl_coef=0.1, ref_logprobs=ref, kl_estimator=est)
+        assert loss.item() == pytest.approx(0.1 * value), est
+        g, = torch.autograd.grad(loss, lp)
+        assert g[0, 0].item() == pytest.approx(0.1 * grad) and g[0, 1].item() == 0.0, est
+    with pytest.raises(ValueError, match="kl_estimator"):
+        policy_loss(lp, lp.detach(), zero_adv, mask, kl_coef=0.1, ref_logprobs=ref, kl_estimator="k2")
 
 
 def test_truncation_mask():

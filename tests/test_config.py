@@ -70,7 +70,7 @@ def test_yaml_plus_dotted_overrides(tmp_path):
 
 
 def test_type_and_choice_errors():
-    with pytest.raises(ConfigError, match="algo.correction.*'none', 'tis', 'decoupled'"):
+    with pytest.raises(ConfigError, match="algo.correction.*'none', 'tis', 'seq_is', 'mis', 'icepop', 'm2po'"):
         load_config(None, ["algo.correction=importance"])
     with pytest.raises(ConfigError, match="learner.zero_stage: expected an integer"):
         load_config(None, ["learner.zero_stage=two"])
@@ -78,6 +78,25 @@ def test_type_and_choice_errors():
         load_config(None, ["learner.zero_stage=4"])
     with pytest.raises(ConfigError, match="schedule\\[0\\].prompts_per_step must be >= 1"):
         load_config(None, ["schedule.0.prompts_per_step=0"])
+
+
+def test_update_tuple_and_correction_knobs_are_checked():
+    # Mini-batches hold whole groups, all of one size: N_SGD must divide every stage's prompts_per_step.
+    with pytest.raises(ConfigError, match="schedule\\[1\\].prompts_per_step=6 is not a multiple of "
+                                          "learner.mini_batches_per_step=4"):
+        load_config(None, ["schedule=[{prompts_per_step: 8}, {prompts_per_step: 6}]",
+                           "learner.mini_batches_per_step=4"])
+    with pytest.raises(ConfigError, match="learner.passes_per_batch must be >= 1"):
+        load_config(None, ["learner.passes_per_batch=0"])
+    with pytest.raises(ConfigError, match="algo.icepop_low/icepop_high"):
+        load_config(None, ["algo.icepop_low=6"])
+    with pytest.raises(ConfigError, match="algo.is_cap must be > 0"):
+        load_config(None, ["algo.is_cap=0"])
+    with pytest.raises(ConfigError, match="algo.kl_estimator.*'k3', 'k1'"):
+        load_config(None, ["algo.kl_estimator=k2"])
+    cfg = load_config(None, ["learner.mini_batches_per_step=2", "learner.passes_per_batch=2", "algo.is_cap=inf",
+                             "algo.correction=m2po"])
+    assert cfg.learner.mini_batches_per_step == 2 and cfg.algo.is_cap == float("inf")
 
 
 def test_on_policy_mode_forces_zero_staleness():

@@ -19,11 +19,13 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve()
+DIAG_INDEX = {"n": 0, "rho": 1, "rho_sq": 2, "w": 3, "w_sq": 4, "abs_log": 5, "k3": 6, "masked": 7, "truncated": 8}
 ROOT = HERE.parents[1]
 LR = 1e-4  # Adam moves every weight with a gradient by ~LR; 1e-5 agreement is then meaningful
 ENTROPY_COEF = 0.01
 TEMPERATURE = 0.7
 BUDGET = 24  # tokens per micro-batch per rank: several micro-batches per step
+TUPLE_LR = 1e-2  # one update moves the tiny model's log-probs enough for the second mini-batch's ratios to clip
 
 
 # ---- fixtures shared by the test process and the workers ---------------------------------------
@@ -77,12 +79,15 @@ def _bits_equal(a: dict, b: dict) -> bool:
                                         for k in a)
 
 
-def _engine(job: dict):
+def _engine(job: dict, lr: float = LR, **algo):
     from async_or1.config import Config
     from async_or1.learner.engine import LearnerEngine
 
     cfg = Config()
-    cfg.learner.zero_stage, cfg.learner.lr, cfg.algo.temperature = job["zero"], LR, TEMPERATURE
+    cfg.learner.zero_stage, cfg.learner.lr, cfg.algo.temperature = job["zero"], lr, TEMPERATURE
+    cfg.algo.clip_high = 0.28
+    for k, v in algo.items():
+        setattr(cfg.algo, k, v)
     return LearnerEngine(cfg, job["model"])
 
 
@@ -105,22 +110,113 @@ def _check_logprobs(engine, mbs, model_path: str) -> None:
         "engine log-probs differ from the naive HF forward"
 
 
-def _check_decoupled(job: dict, rows, mbs) -> None:
-    """'decoupled' with proximal log-probs from compute_logprobs == 'decoupled' falling back to the
-    step's own detached log-probs (the same pre-update weights): bit for bit, with every ratio 1."""
-    from async_or1.learner.packing import with_old_logprobs
+def _todays_train_step(eng, mbs, num_tokens: int, entropy_coef: float, correction: str, cap: float = 2.0) -> None:
+    """The optimizer step as LearnerEngine.train_step computed it before the update tuple existed
+    (correction 'none', or 'tis'/'decoupled' with π_prox = the forward's own detached log-probs),
+    written out op for op: the reference that (N_SGD, N_reuse) = (1, 1) must reproduce bit for bit."""
+    dev = eng.device
+    for k, mb in enumerate(mbs):
+        eng.engine.set_gradient_accumulation_boundary(k == len(mbs) - 1)
+        logp, ent, _ = eng._forward(mb)
+        if mb.size == 0:
+            loss = (logp.sum() + ent.sum()) * 0.0
+        else:
+            sel = mb.loss_mask.to(dev) > 0
+            behav = mb.behavior_logprobs.to(dev)[sel].float()[None]
+            adv = mb.advantages.to(dev)[sel].float()[None]
+            lp = logp.float()[None]
+            old = behav if correction == "none" else lp.detach()
+            ratio = torch.exp(lp - old)
+            pg = -torch.minimum(ratio * adv, torch.clamp(ratio, 1.0 - 0.2, 1.0 + 0.28) * adv)
+            if correction != "none":
+                pg = pg * torch.clamp(torch.exp(old - behav), max=cap).detach()
+            per_tok = pg - entropy_coef * ent.float()[None]
+            mask = torch.ones_like(lp)
+            loss = (per_tok * mask).sum() / torch.as_tensor(float(num_tokens), dtype=lp.dtype).clamp(min=1)
+        eng.engine.backward(loss * eng.world_size)
+    eng.engine.step()
 
-    results = []
-    for given in (True, False):
-        eng = _engine(job)
-        batch_mbs = with_old_logprobs(mbs, eng.compute_logprobs(mbs)) if given else mbs
-        st = eng.train_step(batch_mbs, num_tokens_global=n_tokens(rows), entropy_coef=ENTROPY_COEF,
-                            correction="decoupled", tis_cap=2.0)
-        results.append((_params(eng), st))
-    (p_given, st_given), (p_fallback, st_fallback) = results
-    assert _bits_equal(p_given, p_fallback) and st_given == st_fallback, "proximal log-probs differ from in-step ones"
-    assert st_given["ratio_sum"] == pytest.approx(st_given["token_count"]), "ratios against π_prox must be 1"
-    assert st_given["clip_low_count"] == st_given["clip_high_count"] == 0
+
+def _payload(rows, world: int, minis: list[list[int]]) -> dict:
+    """run_update's payload from test rows: each mini-batch a list of row indices."""
+    import numpy as np
+
+    from async_or1.learner.batch import TrainSequence
+    from async_or1.learner.packing import shard_for_ranks
+
+    seqs = [TrainSequence(prompt=np.asarray(p, dtype=np.int32), response=np.asarray(r, dtype=np.int32),
+                          behavior_logprobs=np.asarray(b, dtype=np.float32), versions=np.zeros(len(r), np.int32),
+                          advantage=a, truncated=False) for p, r, a, b in rows]
+    out = []
+    for idx in minis:
+        sh = shard_for_ranks([seqs[i].length for i in idx], world, BUDGET)
+        out.append({"shards": [[[idx[j] for j in mb] for mb in rank] for rank in sh],
+                    "num_tokens": sum(len(rows[i][1]) for i in idx)})
+    return {"seqs": seqs, "mini_batches": out}
+
+
+def _check_todays_path(job: dict, rows, world: int, rank: int) -> None:
+    """(N_SGD, D_R, D_T, N_reuse) = (1, D, D, 1) through run_update == the pre-tuple step, bit for bit,
+    for 'none' and for 'tis' (which was 'decoupled' with the in-step proximal log-probs)."""
+    from async_or1.learner.update import run_update
+
+    payload = _payload(rows, world, [list(range(len(rows)))])
+    for correction in ("none", "tis"):
+        new, old = _engine(job, correction=correction), _engine(job, correction=correction)
+        st = run_update(new, payload, rank, new.cfg, ENTROPY_COEF)
+        _todays_train_step(old, micro_batches(rows, world, rank), n_tokens(rows), ENTROPY_COEF, correction)
+        p_new, p_old = _params(new), _params(old)
+        if rank == 0:
+            assert _bits_equal(p_new, p_old), f"(1, D, D, 1) with {correction} differs from the pre-tuple step"
+            assert st["optimizer_steps"] == 1
+
+
+def _tuple_run(job: dict, rows, world: int, rank: int, correction: str, passes: int = 1, lr: float = TUPLE_LR,
+               **algo) -> tuple:
+    """Two mini-batches (rows 0-3, 4-6) × ``passes``: the lower-level steps of run_update, so every
+    optimizer step's stats and the weights after each can be checked."""
+    from async_or1.learner.shards import to_micro_batches
+    from async_or1.learner.update import proximal_pass, reference_pass
+
+    eng = _engine(job, lr=lr, correction=correction, **algo)
+    payload = _payload(rows, world, [[0, 1, 2, 3], [4, 5, 6]])
+    seqs = payload["seqs"]
+    micro = [to_micro_batches([[seqs[i] for i in mb] for mb in m["shards"][rank]]) for m in payload["mini_batches"]]
+    weights = [_params(eng)]
+    micro, pre = proximal_pass(eng, micro, eng.cfg)
+    if eng.cfg.algo.kl_coef:
+        micro = reference_pass(eng, micro)
+    steps = []
+    for _ in range(passes):
+        for m, mbs in enumerate(micro):
+            steps.append(eng.train_step(mbs, num_tokens_global=payload["mini_batches"][m]["num_tokens"],
+                                        entropy_coef=0.0))
+            weights.append(_params(eng))
+    return eng, pre, steps, weights
+
+
+def _check_tuple_by_hand(job: dict, rows) -> None:
+    """Every correction, two mini-batches: the engine's loss of the SECOND optimizer step (weights one
+    update past π_prox, so r ≠ 1) equals the formula evaluated in float64 on log-probs from a naive
+    full-logit HF forward of the weights before and after the first update."""
+    torch.save({c: _tuple_run(job, rows, 1, 0, c)[1:] for c in ("none", "tis", "seq_is", "mis", "icepop", "m2po")},
+               Path(job["out"]) / "tuple_by_hand.pt")
+
+
+def _check_kl(job: dict, rows, world: int, rank: int) -> None:
+    """kl_coef > 0: the reference is the initial policy, so the first update's KL is 0 exactly; the
+    second's (k3 and k1) is checked against naive log-probs by the test. Under ZeRO-3 the reference's
+    parameters are partitioned over the ranks like the policy's."""
+    out = {}
+    for est in ("k3", "k1"):
+        eng, pre, steps, weights = _tuple_run(job, rows, world, rank, "tis", kl_coef=0.05, kl_estimator=est)
+        out[est] = (steps, weights[0], weights[1])
+        if job["zero"] == 3:
+            ref = [p for p in eng.reference.module.parameters()]
+            assert all(hasattr(p, "ds_numel") and p.numel() == 0 for p in ref), "reference not partitioned"
+            assert sum(p.ds_tensor.numel() for p in ref) < sum(p.ds_numel for p in ref), "each rank holds a part"
+    if rank == 0:
+        torch.save(out, Path(job["out"]) / f"kl_w{world}_z{job['zero']}.pt")
 
 
 def _worker(job: dict) -> None:
@@ -144,8 +240,18 @@ def _worker(job: dict) -> None:
         engine = _engine(job)
         if "logprobs" in job["tasks"]:
             _check_logprobs(engine, mbs, job["model"])
-        if "decoupled" in job["tasks"]:
-            _check_decoupled(job, rows, mbs)
+        if "todays_path" in job["tasks"]:
+            _check_todays_path(job, rows, world, rank)
+        if "tuple_by_hand" in job["tasks"]:
+            _check_tuple_by_hand(job, rows)
+        if "tuple" in job["tasks"]:
+            # The base LR: with Adam, float noise between rank splits grows with the step size.
+            _, pre, steps, weights = _tuple_run(job, rows, world, rank, "m2po", passes=2, lr=LR)
+            if rank == 0:
+                torch.save({"pre": pre, "steps": steps, "final": weights[-1]},
+                           Path(job["out"]) / f"tuple_w{world}_z{zero}.pt")
+        if "kl" in job["tasks"]:
+            _check_kl(job, rows, world, rank)
         stats = engine.train_step(mbs, num_tokens_global=n_tokens(rows), entropy_coef=ENTROPY_COEF)
         after = _params(engine)
         if rank == 0:
@@ -254,9 +360,99 @@ def reference(tmp_path_factory):
     model = make_model(d / "model")
     out = d / "ref"
     out.mkdir()
-    launch({"model": str(model), "zeros": [0], "out": str(out), "tasks": ["logprobs", "decoupled", "ckpt", "hf"]},
-           world=1)
+    launch({"model": str(model), "zeros": [0], "out": str(out),
+            "tasks": ["logprobs", "todays_path", "tuple_by_hand", "tuple", "kl", "ckpt", "hf"]}, world=1)
     return model, torch.load(out / "step1_z0.pt")
+
+
+def _naive_logprobs(model_path: Path, weights: dict, rows) -> list[torch.Tensor]:
+    """float64 log-probs of each row's response tokens under ``weights``: a plain HF forward of each
+    sequence alone with full logits (nothing of the engine's path: no padding, chunks or DeepSpeed)."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
+    missing, unexpected = hf.load_state_dict(weights, strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
+    out = []
+    for p, r, _, _ in rows:
+        seq = torch.tensor([p + r])
+        with torch.no_grad():
+            logits = hf(input_ids=seq).logits[0].double() / TEMPERATURE
+        out.append(torch.log_softmax(logits[len(p) - 1:len(p) + len(r) - 1], -1).gather(-1, seq[0, len(p):, None])[:, 0])
+    return out
+
+
+def _expected_loss(correction: str, theta, prox, rows, all_prox, all_rows, cap=2.0, clip=(0.2, 0.28)) -> float:
+    """The correction's loss of one mini-batch, from the formulas (algo/corrections.py docstring), in
+    float64, token mean over the mini-batch. ``all_*``: the whole step, for M2PO's mask."""
+    lo, hi = clip
+    cut = float("inf")
+    if correction == "m2po":  # the paper's loop: drop the largest (log ρ)² until their mean is <= τ
+        sq = sorted(x for lp, r in zip(all_prox, all_rows)
+                    for x in ((lp - torch.tensor(r[3], dtype=torch.float64)) ** 2).tolist())
+        while sq and sum(sq) / len(sq) > 0.04:
+            sq.pop()
+        cut = sq[-1] if sq else -1.0
+    total, n = 0.0, 0
+    for th, px, (_, resp, adv, behav) in zip(theta, prox, rows):
+        mu = torch.tensor(behav, dtype=torch.float64)
+        log_rho = px - mu
+        anchor = mu if correction == "none" else px
+        r = torch.exp(th - anchor)
+        pg = torch.maximum(-r * adv, -torch.clamp(r, 1 - lo, 1 + hi) * adv)
+        seq = float(log_rho.sum().exp())
+        w = {"none": torch.ones_like(r), "tis": torch.clamp(log_rho.exp(), max=cap),
+             "seq_is": torch.full_like(r, min(seq, cap)),
+             "mis": torch.full_like(r, seq if 0.5 <= seq <= 2.0 else 0.0),
+             "icepop": torch.where((log_rho.exp() >= 0.5) & (log_rho.exp() <= 5.0), log_rho.exp(), 0.0),
+             "m2po": torch.where(log_rho ** 2 <= cut, log_rho.exp(), 0.0)}[correction]
+        if correction == "m2po":
+            pg = -r * adv  # no clip
+        total += float((w * pg).sum())
+        n += len(resp)
+    return total / n
+
+
+def test_two_mini_batches_every_correction_by_hand(reference):
+    """The second optimizer step of a two-mini-batch step (r = π_θ/π_prox ≠ 1) against the formulas on
+    naive log-probs: the corrections are no longer degenerate and no longer agree with each other."""
+    model, _ = reference
+    got = torch.load(model.parent / "ref" / "tuple_by_hand.pt")
+    rows = batch(1)
+    mb2 = rows[4:]
+    w0 = got["none"][2][0]
+    prox_all = _naive_logprobs(model, w0, rows)
+    losses = {}
+    for correction, (pre, steps, weights) in got.items():
+        assert len(steps) == 2
+        theta = _naive_logprobs(model, weights[1], mb2)
+        want = _expected_loss(correction, theta, prox_all[4:], mb2, prox_all, rows)
+        assert steps[1]["loss"] == pytest.approx(want, rel=1e-4, abs=1e-6), correction
+        losses[correction] = steps[1]["loss"]
+        if correction != "none":
+            # π_prox anchors the ratio: exactly 1 at the first update, not at the second
+            assert steps[0]["ratio_sum"] == pytest.approx(steps[0]["token_count"], rel=1e-6), correction
+            assert abs(steps[1]["ratio_sum"] / steps[1]["token_count"] - 1) > 1e-4, correction
+    assert len({round(v, 6) for v in losses.values()}) == len(losses), f"corrections coincide: {losses}"
+    pre = got["tis"][0]
+    assert 0 < pre["behaviour"][0][DIAG_INDEX["truncated"]] < pre["token_count"]  # some ρ > 2, not all
+    assert got["m2po"][0]["m2po_cut"] is not None
+
+
+def test_kl_to_the_frozen_reference_by_hand(reference):
+    """kl_coef > 0: the reference is the initial policy: KL 0 at the first update (θ = π_ref exactly),
+    and at the second the mean k3 / k1 of mini-batch 2 under the weights after update 1."""
+    model, _ = reference
+    got = torch.load(model.parent / "ref" / "kl_w1_z0.pt")
+    mb2 = batch(1)[4:]
+    for est, (steps, w0, w1) in got.items():
+        assert steps[0]["kl_sum"] == 0.0, est
+        ref = _naive_logprobs(model, w0, mb2)
+        theta = _naive_logprobs(model, w1, mb2)
+        d = torch.cat([r - t for r, t in zip(ref, theta)])
+        want = float((torch.exp(d) - d - 1).mean()) if est == "k3" else float((-d).mean())
+        assert steps[1]["kl_sum"] / steps[1]["token_count"] == pytest.approx(want, rel=1e-3, abs=1e-7), est
+        assert abs(want) > 1e-6
 
 
 def test_one_rank_logprobs_checkpoint_and_hf_round_trip(reference):
@@ -289,6 +485,24 @@ def _two_ranks_match_one_rank(reference, tmp_path, zeros: list, tasks: list) -> 
         # Adam's first step is invariant to a uniform gradient scale, the pre-clip norm is not.
         for k in ("entropy_sum", "ratio_sum", "loss", "grad_norm"):
             assert got["stats"][k] == pytest.approx(ref["stats"][k], rel=1e-4, abs=1e-6), (zero, k)
+    if "tuple" in tasks:
+        # two mini-batches × two passes under m2po: the cut is chosen over both ranks' tokens and must
+        # be the 1-rank one exactly; the weights after four optimizer steps agree to float tolerance.
+        one = torch.load(model.parent / "ref" / "tuple_w1_z0.pt")
+        for zero in zeros:
+            two = torch.load(tmp_path / f"tuple_w2_z{zero}.pt")
+            assert two["pre"]["m2po_cut"] == one["pre"]["m2po_cut"], zero
+            assert [s["token_count"] for s in two["steps"]] == [s["token_count"] for s in one["steps"]]
+            worst = max((one["final"][n] - two["final"][n]).abs().max().item() for n in init)
+            assert worst < 4e-5, f"2-rank ZeRO-{zero} tuple differs from 1 rank by {worst}"
+            assert two["pre"]["behaviour"][0] == pytest.approx(one["pre"]["behaviour"][0], rel=1e-5)
+    if "kl" in tasks:
+        one = torch.load(model.parent / "ref" / "kl_w1_z0.pt")
+        for zero in zeros:
+            two = torch.load(tmp_path / f"kl_w2_z{zero}.pt")
+            for est in ("k3", "k1"):
+                a, b = one[est][0][1]["kl_sum"], two[est][0][1]["kl_sum"]
+                assert b == pytest.approx(a, rel=1e-4), (zero, est)
     if "broadcast" in tasks:
         received = torch.load(tmp_path / "received.pt")
         last = torch.load(tmp_path / f"step1_z{zeros[-1]}.pt")
@@ -296,12 +510,12 @@ def _two_ranks_match_one_rank(reference, tmp_path, zeros: list, tasks: list) -> 
 
 
 def test_two_ranks_zero0_and_zero2_match_one_rank_broadcast_and_save_bit_exact(reference, tmp_path):
-    _two_ranks_match_one_rank(reference, tmp_path, zeros=[0, 2], tasks=["broadcast", "hf"])
+    _two_ranks_match_one_rank(reference, tmp_path, zeros=[0, 2], tasks=["broadcast", "hf", "tuple"])
 
 
 @pytest.mark.slow
 def test_two_ranks_zero3_match_one_rank_broadcast_and_checkpoints(reference, tmp_path):
-    _two_ranks_match_one_rank(reference, tmp_path, zeros=[3], tasks=["broadcast", "ckpt", "hf"])
+    _two_ranks_match_one_rank(reference, tmp_path, zeros=[3], tasks=["broadcast", "ckpt", "hf", "tuple", "kl"])
 
 
 if __name__ == "__main__":

@@ -50,17 +50,21 @@ def groups_to_sequences(groups: list, adv_eps: float = 1e-6) -> list[TrainSequen
 
 
 def batch_stats(groups: list, version: int) -> dict[str, Any]:
-    """Reward and staleness numbers of the groups trained at ``version``."""
+    """Reward, length and staleness numbers of the groups trained at ``version`` (reward_mean is their
+    mean reward; trained_len_mean/p90 their response lengths, as buffer.group_mix)."""
+    from async_or1.buffer import group_mix
+
     rewards = [s.reward for g in groups for s in g.samples]
     stale = [version - int(min(int(s.versions.min()) if len(s.versions) else version for s in g.samples))
              for g in groups]
-    lengths = [len(s.tokens) for g in groups for s in g.samples]
     truncated = [s.finish_reason == "length" for g in groups for s in g.samples]
+    mix = group_mix(groups, "trained")
+    reward = mix.pop("trained_reward_mean")
     return {
-        "reward_mean": float(np.mean(rewards)) if rewards else 0.0,
+        "reward_mean": reward if rewards else 0.0,
         "staleness_mean": float(np.mean(stale)) if stale else 0.0,
         "staleness_max": int(max(stale)) if stale else 0,
-        "response_len_mean": float(np.mean(lengths)) if lengths else 0.0,
+        **mix,
         "truncated_frac": float(np.mean(truncated)) if truncated else 0.0,
         "groups": len(groups),
         "samples": len(rewards),

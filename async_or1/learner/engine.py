@@ -13,6 +13,13 @@ scored positions are gathered, and ``algo.logprobs_and_entropy`` computes chunke
 against the output-embedding weight. That weight is used outside ``lm_head.forward``, which under
 ZeRO-3 leaves it partitioned; it is registered as an external parameter of ``_LogprobHead`` so
 DeepSpeed gathers it around that module's forward and backward (``register_external_parameter``).
+
+The reference policy of the KL term (``algo.kl_coef > 0`` only) is a second, frozen copy of the
+initial weights behind the same log-prob head, loaded like the policy (``_load_hf``: under ZeRO-3
+partitioned as it is built). Under ZeRO-3 it then goes through ``deepspeed.initialize`` without an
+optimizer (DeepSpeed's ZeRO-Offload path for an optimizer-less stage-3 engine), which gathers its
+partitions around each forward as it does the policy's; under ZeRO 0-2 every rank holds it whole,
+as it holds the policy's weights.
 """
 
 from __future__ import annotations
@@ -94,9 +101,6 @@ class LearnerEngine:
                                "deepspeed.init_distributed() first")
         if cfg.learner.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"learner.zero_stage must be 0-3, got {cfg.learner.zero_stage}")
-        if cfg.algo.kl_coef:
-            raise ValueError("algo.kl_coef > 0 needs a reference model, which LearnerEngine does not load; "
-                             "set algo.kl_coef=0 (the MAGIC default)")
         self.cfg = cfg
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.zero_stage = int(cfg.learner.zero_stage)
@@ -116,6 +120,27 @@ class LearnerEngine:
             deepspeed.zero.register_external_parameter(self.engine.module.head, hf.get_output_embeddings().weight)
         pad = getattr(hf.config, "pad_token_id", None)
         self.pad_id = int(pad) if pad is not None else 0  # only fed to the dummy pass; any valid id works
+        self.reference = self._load_reference(model_path) if cfg.algo.kl_coef > 0 else None
+
+    def _load_reference(self, model_path: str) -> nn.Module:
+        """The frozen initial policy of the KL term, partitioned like the policy (module docstring)."""
+        import deepspeed
+
+        ds = deepspeed_config(self.cfg, self.world_size)
+        ds.pop("optimizer")
+        # Built the same way as the policy: under ZeRO-3 partitioned at construction, never whole.
+        hf = _load_hf(model_path, self.dtype, self.cfg.model.trust_remote_code, ds if self.zero_stage == 3 else None)
+        hf.config.use_cache = False
+        hf.eval()
+        ref = _Policy(hf, self.cfg.algo.temperature, self.cfg.learner.logprob_chunk_tokens)
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        if self.zero_stage != 3:
+            return ref.to(self.device)
+        engine, *_ = deepspeed.initialize(model=ref, config=ds)
+        deepspeed.zero.register_external_parameter(engine.module.head, hf.get_output_embeddings().weight)
+        engine.eval()
+        return engine
 
     # ---- helpers ---------------------------------------------------------------------------
     @property
@@ -127,9 +152,11 @@ class LearnerEngine:
     def device(self) -> torch.device:
         return self.engine.device
 
-    def _forward(self, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _forward(self, mb: MicroBatch, model: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """logp, entropy [N] at the scored positions of ``mb`` (row-major order), and the [N]
-        boolean selector of real tokens (False only for the dummy pass of an empty micro-batch)."""
+        boolean selector of real tokens (False only for the dummy pass of an empty micro-batch).
+        ``model``: the policy engine by default, or the reference."""
+        model = self.engine if model is None else model
         dev = self.device
         if mb.size == 0:
             # Padding micro-batch: a one-token dummy pass through the whole graph, so every rank runs
@@ -137,62 +164,78 @@ class LearnerEngine:
             # (zero) gradient; its loss is multiplied by 0.
             ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=dev)
             zero = torch.zeros(1, dtype=torch.long, device=dev)
-            logp, ent = self.engine(ids, torch.ones_like(ids), zero, zero, ids.reshape(-1))
+            logp, ent = model(ids, torch.ones_like(ids), zero, zero, ids.reshape(-1))
             return logp, ent, torch.zeros(1, dtype=torch.bool, device=dev)
         sel = mb.loss_mask.to(dev) > 0  # [B, L]
         rows, cols = sel.nonzero(as_tuple=True)  # [N], [N]
-        logp, ent = self.engine(mb.input_ids.to(dev), mb.attention_mask.to(dev), rows, cols,
-                                mb.targets.to(dev)[rows, cols])
+        logp, ent = model(mb.input_ids.to(dev), mb.attention_mask.to(dev), rows, cols,
+                          mb.targets.to(dev)[rows, cols])
         return logp, ent, torch.ones_like(rows, dtype=torch.bool)
 
     # ---- public API --------------------------------------------------------------------------
     @torch.no_grad()
+    def score(self, micro_batches: list[MicroBatch], *, reference: bool = False
+              ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per micro-batch (logp, entropy), float32 [B, L] on the CPU, aligned like the micro-batch's
+        per-token tensors (0 off the loss mask), under the current policy or the frozen reference;
+        None for a padding micro-batch. No gradient; the [N, V] logits exist one chunk at a time.
+        Collective under ZeRO-3: every rank calls it with the same micro-batch count."""
+        if reference and self.reference is None:
+            raise RuntimeError("LearnerEngine.score(reference=True): no reference model (algo.kl_coef is 0)")
+        model = self.reference if reference else self.engine
+        out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        for mb in micro_batches:
+            logp, ent, _ = self._forward(mb, model)
+            if mb.size == 0:
+                out.append(None)
+                continue
+            sel = mb.loss_mask > 0
+            lp, en = torch.zeros_like(mb.loss_mask), torch.zeros_like(mb.loss_mask)  # [B, L]
+            lp[sel], en[sel] = logp.float().cpu(), ent.float().cpu()
+            out.append((lp, en))
+        return out
+
     def compute_logprobs(self, micro_batches: list[MicroBatch]) -> list[torch.Tensor]:
         """Per-sample log-probs (float32 [R_b], CPU) under the current weights, in micro-batch then
-        row order. Collective under ZeRO-3: every rank must call it with the same micro-batch count."""
-        out: list[torch.Tensor] = []
-        for mb in micro_batches:
-            logp, _, _ = self._forward(mb)
-            if mb.size == 0:
-                continue
-            logp = logp.float().cpu()
-            k = 0
-            for r in mb.response_lengths:
-                out.append(logp[k:k + r].clone())
-                k += r
-        return out
+        row order (``score`` cut per response). Collective under ZeRO-3."""
+        return [t.clone() for mb, sc in zip(micro_batches, self.score(micro_batches)) if sc is not None
+                for t in mb.per_sample(sc[0])]
 
     def train_step(self, micro_batches: list[MicroBatch], *, num_tokens_global: int, entropy_coef: float = 0.0,
                    clip_low: float | None = None, clip_high: float | None = None, correction: str | None = None,
-                   tis_cap: float | None = None, kl_coef: float | None = None) -> dict:
+                   kl_coef: float | None = None, m2po_cut: float | None = None) -> dict:
         """One optimizer step over ``micro_batches``; collective over learner ranks.
 
         Returns stats SUMMED OVER ALL RANKS (all-reduced here): token_count, entropy_sum, ratio_sum,
-        clip_low_count, clip_high_count, loss (the step's loss, Σ tokens / T_global), micro_batches,
-        plus grad_norm (global, before clipping). Unset knobs come from ``cfg.algo``.
+        clip_low_count, clip_high_count, kl_sum, loss (the step's loss, Σ tokens / T_global),
+        micro_batches, plus grad_norm (global, before clipping). Unset knobs come from ``cfg.algo``.
 
-        ``correction``: 'none' ratios against the behaviour log-probs; 'tis' / 'decoupled' ratio
-        against ``mb.old_logprobs`` (proximal, from ``compute_logprobs``) or, when absent, against
-        the detached log-probs of this very forward pass — the same pre-update weights, since a
-        train_step is exactly one optimizer step — with the truncated weight
-        min(π_prox/π_behav, tis_cap) applied by ``policy_loss``."""
+        ``correction`` (``algo.corrections``): 'none' ratios against the behaviour log-probs; the
+        others against ``mb.old_logprobs`` (π_prox, from ``score`` before the step's first update)
+        with the behaviour weight ``mb.is_weights``. A micro-batch without them is the step's only
+        update: π_prox is then this very forward's detached log-probs (the same pre-update weights),
+        the weight is computed here, and the stats carry ``behaviour`` sums (``algo.behaviour_sums``)
+        and the step's entropy. m2po needs its cut over the whole step, so never comes here without
+        weights unless ``m2po_cut`` is given. The KL term needs ``mb.ref_logprobs``."""
         import torch.distributed as dist
 
-        from async_or1.algo import policy_loss
+        from async_or1.algo import behaviour_sums, correction_weights, policy_loss
+        from async_or1.algo.corrections import DIAG_SUMS, clipped, ratio_anchor_is_behaviour
 
         a = self.cfg.algo
         clip_low = a.clip_low if clip_low is None else clip_low
         clip_high = a.clip_high if clip_high is None else clip_high
         correction = a.correction if correction is None else correction
-        tis_cap = a.tis_cap if tis_cap is None else tis_cap
-        if (a.kl_coef if kl_coef is None else kl_coef):
-            raise ValueError("LearnerEngine.train_step: kl_coef > 0 needs reference log-probs (not supported)")
-        if correction not in ("none", "tis", "decoupled"):
-            raise ValueError(f"LearnerEngine.train_step: unknown correction {correction!r}")
+        kl_coef = a.kl_coef if kl_coef is None else kl_coef
+        params = correction_params(a)
+        on_behaviour, clip = ratio_anchor_is_behaviour(correction), clipped(correction)
         mbs = list(micro_batches) or [_empty()]
         t_global = max(int(num_tokens_global), 1)
         dev = self.device
-        acc = torch.zeros(6, dtype=torch.float64, device=dev)  # tokens, entropy, ratio, clip_lo, clip_hi, loss
+        acc = torch.zeros(7, dtype=torch.float64, device=dev)  # tokens, entropy, ratio, clip_lo, clip_hi, loss, kl
+        behav_acc = torch.zeros(len(DIAG_SUMS), dtype=torch.float64, device=dev)
+        behav_max = torch.zeros((), dtype=torch.float64, device=dev)
+        in_step_weights = False
         for k, mb in enumerate(mbs):
             self.engine.set_gradient_accumulation_boundary(k == len(mbs) - 1)
             logp, ent, real = self._forward(mb)
@@ -202,31 +245,55 @@ class LearnerEngine:
                 sel = mb.loss_mask.to(dev) > 0
                 behav = mb.behavior_logprobs.to(dev)[sel].float()  # [N]
                 adv = mb.advantages.to(dev)[sel].float()  # [N]
-                if correction == "none":
-                    old, extra = behav, {}
+                if on_behaviour:
+                    old = behav
+                elif mb.old_logprobs is not None:
+                    old = mb.old_logprobs.to(dev)[sel].float()
                 else:
-                    old = mb.old_logprobs.to(dev)[sel].float() if mb.old_logprobs is not None else logp.detach().float()
-                    extra = {"behavior_logprobs": behav[None], "tis_cap": tis_cap}
-                loss, _ = policy_loss(logp.float()[None], old[None], adv[None], torch.ones_like(adv)[None],
-                                      clip_low=clip_low, clip_high=clip_high, entropy=ent.float()[None],
-                                      entropy_coef=float(entropy_coef), num_tokens=t_global, **extra)
-                with torch.no_grad():
-                    ratio = torch.exp(logp.detach().float() - old)
-                    acc += torch.stack([adv.new_tensor(float(adv.numel())), ent.detach().float().sum(), ratio.sum(),
-                                        ((ratio < 1 - clip_low) & (adv < 0)).sum().float(),
-                                        ((ratio > 1 + clip_high) & (adv > 0)).sum().float(),
-                                        loss.detach().float()]).double()
+                    old = logp.detach().float()
+                weight = mb.is_weights.to(dev)[sel].float() if (mb.is_weights is not None and not on_behaviour) else None
+                if mb.old_logprobs is None and mb.is_weights is None:
+                    # The step's only update: π_prox is this forward's own (pre-update) log-probs.
+                    in_step_weights = True
+                    mask_bl = mb.loss_mask.to(dev)  # [B, L]
+                    prox_bl = torch.zeros_like(mask_bl)
+                    prox_bl[sel] = logp.detach().float()
+                    log_rho = (prox_bl - mb.behavior_logprobs.to(dev)) * mask_bl
+                    w = correction_weights(correction, log_rho, mask_bl, params, m2po_cut)
+                    if not on_behaviour:
+                        weight = w.weight[sel].float()
+                    sums, mx = behaviour_sums(log_rho, mask_bl, w)
+                    behav_acc += sums
+                    behav_max = torch.maximum(behav_max, mx)
+                ref = mb.ref_logprobs.to(dev)[sel].float()[None] if kl_coef else None
+                if kl_coef and mb.ref_logprobs is None:
+                    raise ValueError("LearnerEngine.train_step: kl_coef > 0 needs mb.ref_logprobs (score(reference=True))")
+                loss, st = policy_loss(logp.float()[None], old[None], adv[None], torch.ones_like(adv)[None],
+                                       clip_low=clip_low, clip_high=clip_high, clip=clip,
+                                       weight=None if weight is None else weight[None], entropy=ent.float()[None],
+                                       entropy_coef=float(entropy_coef), num_tokens=t_global, kl_coef=float(kl_coef),
+                                       ref_logprobs=ref, kl_estimator=a.kl_estimator)
+                acc += torch.stack([st["token_count"], st["entropy_sum"], st["ratio_sum"], st["clip_low_count"],
+                                    st["clip_high_count"], loss.detach(),
+                                    st.get("kl_sum", torch.zeros((), device=dev))]).double()
             # × world_size: DeepSpeed averages gradients over ranks; we want Σ over all tokens / T.
             self.engine.backward(loss * self.world_size)
         manual_norm = self._grad_norm() if self.zero_stage == 0 else None
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         norm = manual_norm if norm is None else float(norm)
-        dist.all_reduce(acc)
-        tokens, ent_sum, ratio_sum, lo, hi, loss_sum = acc.tolist()
-        return {"token_count": int(round(tokens)), "entropy_sum": ent_sum, "ratio_sum": ratio_sum,
-                "clip_low_count": int(round(lo)), "clip_high_count": int(round(hi)), "loss": loss_sum,
-                "grad_norm": norm, "micro_batches": len(mbs)}
+        flags = torch.tensor([float(in_step_weights)], dtype=torch.float64, device=dev)
+        packed = torch.cat([acc, behav_acc, flags])
+        dist.all_reduce(packed)
+        tokens, ent_sum, ratio_sum, lo, hi, loss_sum, kl_sum = packed[:7].tolist()
+        out = {"token_count": int(round(tokens)), "entropy_sum": ent_sum, "ratio_sum": ratio_sum,
+               "clip_low_count": int(round(lo)), "clip_high_count": int(round(hi)), "loss": loss_sum,
+               "kl_sum": kl_sum, "grad_norm": norm, "micro_batches": len(mbs)}
+        if packed[-1] > 0:  # some rank computed the weights in this step: the sums are the step's
+            mx = behav_max.clone()
+            dist.all_reduce(mx, op=dist.ReduceOp.MAX)
+            out["behaviour"] = (packed[7:-1].tolist(), float(mx))
+        return out
 
     def _grad_norm(self) -> float:
         """Global L2 norm of the (already all-reduced, identical on every rank) ZeRO-0 gradients;
@@ -300,6 +367,15 @@ def _load_hf(model_path: str, dtype: torch.dtype, trust_remote_code: bool, zero3
                            f"construction (first: {whole[0]}); transformers did not build the model under "
                            "deepspeed.zero.Init")
     return hf
+
+
+def correction_params(algo: Any) -> Any:
+    """``algo.CorrectionParams`` from the config's algo section."""
+    from async_or1.algo import CorrectionParams
+
+    return CorrectionParams(is_cap=algo.is_cap, mis_low=algo.mis_low, mis_high=algo.mis_high,
+                            icepop_low=algo.icepop_low, icepop_high=algo.icepop_high,
+                            m2po_threshold=algo.m2po_threshold)
 
 
 def _empty() -> MicroBatch:

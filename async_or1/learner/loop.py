@@ -1,6 +1,9 @@
 """The learner process: one loop of named, timed phases, run by every learner rank.
 
-    wait for the step's batch → loss + backward → optimizer step → version += 1 → broadcast → log
+    wait for the step's batch → policy update (learner/update.py: N_SGD × N_reuse optimizer steps)
+    → version += 1 → broadcast → log
+
+A version is one training step (one rollout batch), whatever its number of optimizer steps.
 
 Rank 0 also owns the rollout side of the learner: the replay buffer, the prompt source and the
 controller thread that talks to the generators. It cuts each step's batch into per-rank shards
@@ -120,11 +123,11 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
 
     from async_or1.algo import AdaptiveEntropy
     from async_or1.config import config_from_dict
+    from async_or1.learner.batch import batch_stats
     from async_or1.learner.broadcast import broadcast_weights
-    from async_or1.learner.batch import batch_stats, groups_to_sequences
     from async_or1.learner.engine import LearnerEngine
     from async_or1.learner.metrics import MetricsWriter
-    from async_or1.learner.shards import make_shards, to_micro_batches
+    from async_or1.learner.update import plan_step, run_update
     from async_or1.timing import Phases
 
     cfg = config_from_dict(spec["config"])
@@ -224,13 +227,7 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
                 if rebroadcast:
                     payload = {"stop": False, "rebroadcast": True}
                 elif groups is not None:
-                    seqs = groups_to_sequences(groups, adv_eps=cfg.algo.adv_eps)
-                    if cfg.algo.truncated_mask == "mask_truncated":
-                        # Paper 3.2.3: truncated responses leave the loss (and its token count) entirely.
-                        seqs = [s for s in seqs if not s.truncated]
-                    payload = {"shards": make_shards(seqs, world, cfg.learner.micro_batch_tokens_per_rank),
-                               "num_tokens": int(sum(len(s.response) for s in seqs)),
-                               "entropy_coef": entropy_coef, "stop": False}
+                    payload = {**plan_step(groups, cfg, world, version), "entropy_coef": entropy_coef, "stop": False}
                 else:
                     payload = {"stop": True}
             obj = [payload]
@@ -243,14 +240,12 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
                 broadcast(version)
             continue
         wait_t0 = None
-        # ---- loss, backward, optimizer step ---------------------------------------------------
+        # ---- the policy update: N_SGD × N_reuse optimizer steps (learner/update.py) ------------
         with phases("train"):
-            micro = to_micro_batches(payload["shards"][rank], pad_id=engine.pad_id)
-            stats = engine.train_step(micro, num_tokens_global=payload["num_tokens"],
-                                      entropy_coef=payload["entropy_coef"])
+            stats = run_update(engine, payload, rank, cfg, payload["entropy_coef"], phases)
         version += 1
-        # ---- adaptive entropy from the whole step's entropy (all ranks summed in train_step) --
-        entropy = stats["entropy_sum"] / max(stats["token_count"], 1)
+        # ---- adaptive entropy, once per training step, from π_prox over the whole rollout batch --
+        entropy = stats["entropy"]
         if cfg.algo.entropy.enabled:
             entropy_coef = entropy_ctl.step(entropy)
         # ---- broadcast --------------------------------------------------------------------
@@ -280,14 +275,11 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
                 wall = now - last_step_end
                 last_step_end = now
                 leases = side.controller.take_lease_sizes()
+                trained = sum(m["num_tokens"] for m in payload["mini_batches"])
                 row = {"step": version - 1, "version": version, "stage": stage, "time_s": round(time.time() - t_start, 3),
                        **batch_stats(groups, version - 1),
-                       "entropy": entropy, "entropy_coef": payload["entropy_coef"], "next_entropy_coef": entropy_coef,
-                       "loss": stats["loss"], "grad_norm": stats.get("grad_norm"),
-                       "clip_frac_low": stats["clip_low_count"] / max(stats["token_count"], 1),
-                       "clip_frac_high": stats["clip_high_count"] / max(stats["token_count"], 1),
-                       "ratio_mean": stats["ratio_sum"] / max(stats["token_count"], 1),
-                       "trained_tokens": payload["num_tokens"], "tokens_per_s": payload["num_tokens"] / max(wall, 1e-9),
+                       **stats, "entropy_coef": payload["entropy_coef"], "next_entropy_coef": entropy_coef,
+                       "trained_tokens": trained, "tokens_per_s": trained / max(wall, 1e-9),
                        "step_s": wall, "gen_idle_frac": side.controller.gen_idle_frac(),
                        "leases": len(leases), "lease_prompts_mean": sum(leases) / len(leases) if leases else 0.0,
                        "learner_idle_frac": ph.get("wait", 0.0) / max(wall, 1e-9),

@@ -88,7 +88,9 @@ class MicroBatch:
     targets: torch.Tensor            # [B, L] int64, input_ids shifted left by one (pad_id past the end)
     advantages: torch.Tensor         # [B, L] float32, per scored position (0 elsewhere)
     behavior_logprobs: torch.Tensor  # [B, L] float32, the generator's log-probs of the targets
-    old_logprobs: torch.Tensor | None = None  # [B, L] float32 proximal log-probs (decoupled / tis)
+    old_logprobs: torch.Tensor | None = None  # [B, L] float32 proximal log-probs (π_prox, algo.corrections)
+    is_weights: torch.Tensor | None = None    # [B, L] float32 behaviour weight of the step's correction
+    ref_logprobs: torch.Tensor | None = None  # [B, L] float32 frozen reference policy's (KL term)
     prompt_lengths: list[int] = field(default_factory=list)    # [B]
     response_lengths: list[int] = field(default_factory=list)  # [B]
     indices: list[int] = field(default_factory=list)           # [B] caller's sample ids
