@@ -9,7 +9,6 @@ measured phase times comes the analytic ceiling of the async speedup,
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -78,14 +77,9 @@ def auto_threshold(curves: list[list], frac: float = 0.75, window: int = 5) -> f
     return start + frac * (end - start) if end > start else None
 
 
-def _read_rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
 def main(config: str, modes: str, max_staleness: str, steps: int, repeats: int, out: str,
          overrides: list[str] | None = None, reward_threshold: float | None = None) -> int:
-    from async_or1.config import load_config
-    from async_or1.launch import train
+    from async_or1.bench_runs import cell_config, interleaved, run_cell
 
     variants = []
     for mode in [m.strip() for m in modes.split(",") if m.strip()]:
@@ -100,35 +94,19 @@ def main(config: str, modes: str, max_staleness: str, steps: int, repeats: int, 
     results = []
     # one line per run: the learner's per-step lines share the terminal, a bar drawn in place would tear
     pb = bar(repeats * len(variants), "bench: runs", unit="run", lines=True)
-    for rep in range(repeats):
-        order = variants if rep % 2 == 0 else variants[::-1]  # interleave: alternate the order per round
-        for mode, eta in order:
-            name = f"bench-{mode}-eta{eta}-r{rep}"
-            cfg = load_config(config, list(overrides or []) + [
-                f"name={name}", "output_dir=runs/bench", f"mode={mode}", f"buffer.max_staleness={eta}",
-                "eval.at_start_and_end=false", "log.plots=false", "log.tensorboard=false",
-                f"learner.checkpoint_every_steps=0"])
-            for i in range(len(cfg.stages)):
-                cfg.stages[i].steps = steps if i == 0 else 0
-            cfg.schedule = [cfg.stages[0]]
-            # Round r of every mode shares one seed and rounds differ: between-mode differences
-            # within a round are the modes', the spread across rounds is the seed's.
-            cfg.seed += rep
-            cfg.generation.seed += rep
-            t0 = time.time()
-            rc = train(cfg, overwrite=True)
-            if rc != 0:
-                raise SystemExit(f"bench run {name} failed with exit code {rc}; see {cfg.run_dir / 'logs'}")
-            summ = run_summary(_read_rows(cfg.run_dir))
-            results.append({"mode": mode, "max_staleness": eta, "repeat": rep, "seed": cfg.seed,
-                            "wall_s": round(time.time() - t0, 1),
-                            **summ})
-            print(f"bench: {mode} η={eta} round {rep}: {summ['tokens_per_s']:.0f} tok/s, "
-                  f"{summ['steps_per_s']:.3f} steps/s, gen idle {summ['gen_idle_frac']:.0%}, "
-                  f"learner idle {summ['learner_idle_frac']:.0%} (waited in {summ['wait_steps_frac']:.0%} of steps), "
-                  f"{summ['leases_per_step']:.1f} leases/step of {summ['lease_prompts_mean']:.1f} prompts, "
-                  f"{summ['rejected_zero_adv_per_step']:.1f} zero-advantage groups/step", flush=True)
-            pb.update(1)
+    for rep, (mode, eta) in interleaved(variants, repeats):
+        cfg = cell_config(config, list(overrides or []) + [f"mode={mode}", f"buffer.max_staleness={eta}"],
+                          f"bench-{mode}-eta{eta}-r{rep}", "runs/bench", steps, rep)
+        rows, wall = run_cell(cfg)
+        summ = run_summary(rows)
+        results.append({"mode": mode, "max_staleness": eta, "repeat": rep, "seed": cfg.seed, "wall_s": wall,
+                        **summ})
+        print(f"bench: {mode} η={eta} round {rep}: {summ['tokens_per_s']:.0f} tok/s, "
+              f"{summ['steps_per_s']:.3f} steps/s, gen idle {summ['gen_idle_frac']:.0%}, "
+              f"learner idle {summ['learner_idle_frac']:.0%} (waited in {summ['wait_steps_frac']:.0%} of steps), "
+              f"{summ['leases_per_step']:.1f} leases/step of {summ['lease_prompts_mean']:.1f} prompts, "
+              f"{summ['rejected_zero_adv_per_step']:.1f} zero-advantage groups/step", flush=True)
+        pb.update(1)
     pb.close()
     report = summarize(results, reward_threshold)
     report["config"] = config

@@ -95,6 +95,17 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                         "to the weakest run's end)")
     t.add_argument("--out", default="bench/results/throughput.json")
     t.add_argument("overrides", nargs="*", help="dotted config overrides applied to every run")
+    s = bsub.add_parser("staleness", help="learning under staleness: max_staleness × corrections (+ the paper's "
+                                          "N_SGD/N_reuse ablation), interleaved, noise-aware")
+    s.add_argument("--config", "-c", default="configs/cpu-tiny.yaml")
+    s.add_argument("--max-staleness", default="0,1,2,4,8", help="comma list of η values")
+    s.add_argument("--corrections", default="none,tis,m2po", help="comma list of algo.correction values")
+    s.add_argument("--steps", type=int, default=40, help="training steps per run")
+    s.add_argument("--repeats", type=int, default=2, help="interleaved rounds (seed + round); a difference "
+                                                          "within the spread across rounds is reported as none")
+    s.add_argument("--no-ablation", action="store_true", help="skip the (N_SGD, N_reuse) = (4, 1), (1, 2) cells")
+    s.add_argument("--out", default="bench/results/staleness.json")
+    s.add_argument("overrides", nargs="*", help="dotted config overrides applied to every run")
 
 
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
@@ -238,6 +249,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench_cmd == "staleness":
+        from async_or1.bench_staleness import main as staleness
+
+        return staleness(config=args.config, max_staleness=args.max_staleness, corrections=args.corrections,
+                         steps=args.steps, repeats=args.repeats, out=args.out, ablation=not args.no_ablation,
+                         overrides=args.overrides)
     from async_or1.bench_throughput import main
 
     return main(config=args.config, modes=args.modes, max_staleness=args.max_staleness, steps=args.steps,

@@ -3,6 +3,9 @@
 training.png  reward and held-out accuracy vs step and vs wall time; entropy with the adaptive
               coefficient and the target; clip fractions; tokens/s; idle fractions
 staleness.png staleness histograms per step (trained groups, and prompts in flight)
+offpolicy.png what stale data does: effective sample size of the behaviour ratio ρ = π_prox/μ,
+              |log ρ| and KL(μ ‖ π_prox), tokens masked/truncated by the correction and clipped by
+              PPO, and the length and reward of generated, trained and dropped groups
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
                 label=f"held-out avg@{evals[0].get('k', 'k')}")
     if not rows and not evals:
         _empty(ax, "rewards")
-    ax.set(title="Reward and held-out accuracy vs step", xlabel="optimizer step", ylabel="reward / accuracy (0-1)")
+    ax.set(title="Reward and held-out accuracy vs step", xlabel="training step", ylabel="reward / accuracy (0-1)")
     ax.legend(loc="best", fontsize=8)
     ax = axes[0, 1]
     if rows:
@@ -92,7 +95,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ax2.legend(loc="upper right", fontsize=8)
     else:
         _empty(ax, "entropy")
-    ax.set(title="Entropy and the adaptive coefficient", xlabel="optimizer step", ylabel="entropy (nats/token)")
+    ax.set(title="Entropy and the adaptive coefficient", xlabel="training step", ylabel="entropy (nats/token)")
     ax.legend(loc="upper left", fontsize=8)
     ax = axes[1, 1]
     if rows:
@@ -100,14 +103,14 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ax.plot(*_series(rows, "clip_frac_high"), label="clipped high (ratio > 1+ε_high, A>0)")
     else:
         _empty(ax, "clip fractions")
-    ax.set(title="Clip fractions", xlabel="optimizer step", ylabel="fraction of response tokens")
+    ax.set(title="Clip fractions", xlabel="training step", ylabel="fraction of response tokens")
     ax.legend(loc="best", fontsize=8)
     ax = axes[2, 0]
     if rows:
         ax.plot(*_series(rows, "tokens_per_s"), color="tab:orange")
     else:
         _empty(ax, "throughput")
-    ax.set(title="Trained tokens per second", xlabel="optimizer step", ylabel="response tokens / s")
+    ax.set(title="Trained tokens per second", xlabel="training step", ylabel="response tokens / s")
     ax = axes[2, 1]
     if rows:
         ax.plot(*_series(rows, "gen_idle_frac"), label="generators idle")
@@ -115,7 +118,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ax.set_ylim(-0.02, 1.02)
     else:
         _empty(ax, "idle fractions")
-    ax.set(title="Idle fractions", xlabel="optimizer step", ylabel="fraction of wall time")
+    ax.set(title="Idle fractions", xlabel="training step", ylabel="fraction of wall time")
     ax.legend(loc="best", fontsize=8)
     fig.suptitle(f"run {run_dir.name}")
     fig.tight_layout()
@@ -134,13 +137,72 @@ def plot_run(run_dir: str | Path) -> list[Path]:
             fig.colorbar(im, ax=ax, label="groups / prompts")
         else:
             _empty(ax, "staleness")
-        ax.set(title=title, xlabel="optimizer step", ylabel="staleness (versions behind the learner)")
+        ax.set(title=title, xlabel="training step", ylabel="staleness (versions behind the learner)")
     fig.tight_layout()
     p = run_dir / "staleness.png"
     fig.savefig(p, dpi=90)
     plt.close(fig)
     out.append(p)
+    out.append(plot_offpolicy(rows, run_dir / "offpolicy.png", title=f"run {run_dir.name}"))
     return out
+
+
+FATES = (("generated", "every group generated", "tab:gray"), ("trained", "trained", "tab:blue"),
+         ("dropped_stale", "dropped as stale", "tab:red"), ("rejected_zero_adv", "rejected (zero advantage)",
+                                                            "tab:olive"))
+
+
+def plot_offpolicy(rows: list[dict], path: Path, title: str = "") -> Path:
+    """The per-step off-policy diagnostics of one run (metrics rows) in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(17, 9))
+    panels = [
+        (axes[0, 0], "Effective sample size of the IS weights", "ESS / N (1 = on-policy)",
+         [("is_ess", "raw ρ = π_prox/μ"), ("is_ess_applied", "weights the correction applies")]),
+        (axes[0, 1], "Behaviour vs learner (π_prox)", "nats",
+         [("abs_log_ratio_mean", "mean |log ρ|"), ("abs_log_ratio_max", "max |log ρ|"),
+          ("kl_behav_learner", "KL(μ ‖ π_prox), k3")]),
+        (axes[0, 2], "Tokens the correction and the clip touch", "fraction of response tokens",
+         [("is_masked_frac", "masked by the correction"), ("is_truncated_frac", "weight truncated"),
+          ("clip_frac_low", "PPO clip, low side"), ("clip_frac_high", "PPO clip, high side")]),
+    ]
+    for ax, name, ylabel, series in panels:
+        drawn = False
+        for key, label in series:
+            xs, ys = _series(rows, key)
+            if xs:
+                ax.plot(xs, ys, label=label)
+                drawn = True
+        if not drawn:
+            _empty(ax, name.lower())
+        else:
+            ax.legend(loc="best", fontsize=8)
+        ax.set(title=name, xlabel="training step", ylabel=ylabel)
+    for ax, suffix, name, ylabel in ((axes[1, 0], "len_mean", "Response length, mean", "tokens"),
+                                     (axes[1, 1], "len_p90", "Response length, p90", "tokens"),
+                                     (axes[1, 2], "reward_mean", "Reward", "mean reward (0-1)")):
+        drawn = False
+        for fate, label, color in FATES:
+            key = "reward_mean" if (fate, suffix) == ("trained", "reward_mean") else f"{fate}_{suffix}"
+            xs, ys = _series(rows, key)
+            if xs:
+                ax.plot(xs, ys, label=label, color=color, marker="." if fate.startswith(("dropped", "rejected"))
+                        else None, ls="" if fate == "dropped_stale" else "-", alpha=0.85)
+                drawn = True
+        if not drawn:
+            _empty(ax, name.lower())
+        else:
+            ax.legend(loc="best", fontsize=8)
+        ax.set(title=f"{name} of groups by fate", xlabel="training step", ylabel=ylabel)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def plot_throughput(results_json: str | Path, out_png: str | Path) -> Path:
@@ -179,3 +241,89 @@ def main(run_dir: str) -> int:
     paths = plot_run(run_dir)
     print("\n".join(str(p) for p in paths))
     return 0
+
+
+def _moving_average(ys: list, window: int = 5) -> list:
+    import numpy as np
+
+    a = np.array([np.nan if y is None else y for y in ys], dtype=float)
+    out = []
+    for i in range(len(a)):
+        w = a[max(0, i - window + 1):i + 1]
+        w = w[np.isfinite(w)]
+        out.append(float(w.mean()) if len(w) else float("nan"))
+    return out
+
+
+def plot_staleness_study(report: dict, out_png: str | Path) -> Path:
+    """``async-or1 bench staleness`` in one PNG. One column per correction (lines: η): sampled reward
+    vs step (5-step moving average) and vs wall time, entropy, ESS of the behaviour ratio; the last
+    column: held-out avg@k and final reward vs η (bars: min-max over rounds), and the section-4
+    ablation's entropy and reward vs step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = report["cells"]
+    corrs, etas = report["corrections"], report["max_staleness"]
+    grid = {(c["max_staleness"], c["correction"]): c for c in cells
+            if (c["mini_batches_per_step"], c["passes_per_batch"]) == (1, 1)}
+    cmap = plt.get_cmap("viridis")
+    color = {e: cmap(i / max(len(etas) - 1, 1)) for i, e in enumerate(etas)}
+    ncol = len(corrs) + 1
+    fig, axes = plt.subplots(4, ncol, figsize=(4.6 * ncol, 14), squeeze=False)
+    rows = (("reward_mean_sampled", "step", "sampled reward (5-step avg)"),
+            ("reward_mean_sampled", "time_s", "sampled reward (5-step avg)"),
+            ("entropy", "step", "entropy (nats/token)"), ("is_ess", "step", "ESS / N of ρ = π_prox/μ"))
+    for j, corr in enumerate(corrs):
+        for i, (key, x, ylabel) in enumerate(rows):
+            ax = axes[i, j]
+            for e in etas:
+                c = grid.get((e, corr))
+                if not c:
+                    continue
+                ys = c["curves"][key]
+                ax.plot(c["curves"][x], _moving_average(ys) if key == "reward_mean_sampled" else ys,
+                        color=color[e], label=f"η={e}")
+            ax.set(title=f"{corr}: {ylabel}", xlabel="training step" if x == "step" else "wall time (s)",
+                   ylabel=ylabel)
+            ax.legend(fontsize=7)
+    ax = axes[0, -1]
+    for k, corr in enumerate(corrs):
+        pts = [(e, grid[(e, corr)]["final"]["heldout_after"]) for e in etas if (e, corr) in grid]
+        _errorbars(ax, [p[0] + 0.08 * (k - len(corrs) / 2) for p in pts], [p[1] for p in pts], corr)
+    ax.set(title="Held-out avg@k after training", xlabel="max_staleness η", ylabel="avg@k")
+    ax.legend(fontsize=7)
+    ax = axes[1, -1]
+    for k, corr in enumerate(corrs):
+        pts = [(e, grid[(e, corr)]["final"]["reward_last"]) for e in etas if (e, corr) in grid]
+        _errorbars(ax, [p[0] + 0.08 * (k - len(corrs) / 2) for p in pts], [p[1] for p in pts], corr)
+    ax.set(title=f"Sampled reward, last {report.get('last_steps', 10)} steps", xlabel="max_staleness η",
+           ylabel="reward")
+    ax.legend(fontsize=7)
+    abl = [c for c in cells if c["max_staleness"] == 0 and c["correction"] == "none"]
+    for ax, key, ylabel in ((axes[2, -1], "entropy", "entropy (nats/token)"),
+                            (axes[3, -1], "reward_mean_sampled", "sampled reward (5-step avg)")):
+        for c in abl:
+            ys = c["curves"][key]
+            ax.plot(c["curves"]["step"], _moving_average(ys) if key == "reward_mean_sampled" else ys,
+                    label=f"N_SGD={c['mini_batches_per_step']}, N_reuse={c['passes_per_batch']}")
+        if not abl:
+            _empty(ax, "ablation")
+        ax.set(title=f"Section-4 ablation (η=0, none): {ylabel}", xlabel="training step", ylabel=ylabel)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"staleness study: {report.get('config')}, {report.get('steps')} steps × "
+                 f"{report.get('repeats')} rounds (lines: mean over rounds)")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=80)
+    plt.close(fig)
+    return Path(out_png)
+
+
+def _errorbars(ax: Any, xs: list, stats: list[dict], label: str) -> None:
+    """Mean with a min-max bar over rounds (``stats``: {mean, values})."""
+    means = [s["mean"] for s in stats]
+    lo = [s["mean"] - min(v for v in s["values"] if v is not None) if s["values"] else 0 for s in stats]
+    hi = [max(v for v in s["values"] if v is not None) - s["mean"] if s["values"] else 0 for s in stats]
+    ax.errorbar(xs, means, yerr=[lo, hi], marker="o", capsize=3, label=label)

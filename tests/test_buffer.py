@@ -338,3 +338,35 @@ def test_random_walk_keeps_the_ledger_and_the_limit():
             assert acc["trained"] + acc["queued"] + acc["in_flight"] <= admission_limit(version, eta, pps)
             assert acc["in_flight"] == len(running)
         assert version >= 3, f"seed {seed}: the walk should make progress (version {version})"
+
+
+# ---- the length/reward mix of groups by fate ---------------------------------------------------
+
+def test_p90_and_group_mix_by_hand():
+    from async_or1.buffer import group_mix, p90
+
+    # nearest rank: ceil(0.9·10) = 9th smallest of 1..10 → 9; of [5] → 5; of 1..11: ceil(9.9) = 10th → 10
+    assert p90(list(range(1, 11))) == 9 and p90([5]) == 5 and p90(list(range(1, 12))) == 10
+    assert np.isnan(p90([]))
+    # two groups: lengths [3, 3] and [10, 2]; rewards [0, 1] and [1, 1] → mean len 4.5, p90 10, reward 0.75
+    mix = group_mix([group("a", (0.0, 1.0), n_tokens=3), group("b", (1.0, 1.0), versions=[[0] * 10, [0] * 2])], "x")
+    assert mix == {"x_len_mean": 4.5, "x_len_p90": 10.0, "x_reward_mean": 0.75}
+
+
+def test_step_metrics_report_the_mix_of_generated_stale_and_rejected_groups():
+    """A short easy group and a long hard one arrive; the long one goes stale, a third (all correct)
+    is rejected: the generated mix holds all three, the dropped ones their own."""
+    buf = ReplayBuffer(max_staleness=1, prompts_per_step_at=const(8))
+    buf.on_leased(["long", "short", "easy"], 0)
+    assert buf.add_group(group("long", (0.0, 1.0), versions=[[0] * 12, [0] * 12])) == "accepted"
+    assert buf.add_group(group("short", (1.0, 0.0), versions=[[2] * 2, [2] * 2])) == "accepted"
+    assert buf.add_group(group("easy", (1.0, 1.0), versions=[[2] * 4, [2] * 4])) == "zero_advantage"
+    taken = buf.take_batch(2, 1, timeout_s=1)  # version 2: "long" (v0) is 2 > η behind → stale
+    assert [g.prompt_id for g in taken] == ["short"]
+    m = buf.step_metrics(2)
+    assert m["generated_len_mean"] == pytest.approx((24 + 4 + 8) / 6) and m["generated_len_p90"] == 12
+    assert m["generated_reward_mean"] == pytest.approx(4 / 6)
+    assert m["dropped_stale_len_mean"] == 12 and m["dropped_stale_reward_mean"] == 0.5
+    assert m["rejected_zero_adv_len_mean"] == 4 and m["rejected_zero_adv_reward_mean"] == 1.0
+    m = buf.step_metrics(2)  # the mix covers the time since the previous call
+    assert np.isnan(m["generated_len_mean"]) and np.isnan(m["dropped_stale_len_p90"])

@@ -143,3 +143,19 @@ def test_cli_help_is_fast_and_dry_run_prints_resolved_config():
     r = subprocess.run([sys.executable, "-m", "async_or1.cli", "train", "--dry-run", "algo.clip_hihg=0.26"],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "did you mean 'clip_high'" in r.stderr
+
+
+def test_math_7b_config_is_table_10():
+    """configs/r1-distill-math-7b.yaml: the stage boundaries, batch, mini-batch (= batch / N_SGD) and
+    group sizes of the paper's Table 10, stage 3.5 included."""
+    cfg = load_config(ROOT / "configs" / "r1-distill-math-7b.yaml")
+    ends, start = [], 0
+    for st in cfg.stages:
+        start += st.steps
+        ends.append(start)
+    assert ends == [740, 1740, 2080, 2160] and cfg.total_steps == 2160
+    n_sgd = cfg.learner.mini_batches_per_step
+    table = [(st.max_response_tokens, st.prompts_per_step, st.prompts_per_step // n_sgd, st.samples_per_prompt)
+             for st in cfg.stages]
+    assert table == [(8192, 256, 128, 16), (16384, 256, 128, 16), (32768, 256, 128, 16), (32768, 128, 64, 64)]
+    assert cfg.learner.passes_per_batch == 1 and cfg.algo.kl_coef == 0 and cfg.learner.lr == 1e-6

@@ -57,13 +57,20 @@ def test_plot_run_writes_readable_pngs(tmp_path):
                      "clip_frac_high": 0.02, "staleness_mean": 0.5, "staleness_max": 1, "dropped_stale": 0,
                      "rejected_zero_adv": 1, "trained_tokens": 1000, "tokens_per_s": 300.0 + s,
                      "gen_idle_frac": 0.1, "learner_idle_frac": 0.3,
-                     "staleness_hist_queue": [2, 2][: 1 + s % 2], "staleness_hist_inflight": [1, 3, 0][: 1 + s % 3]})
+                     "staleness_hist_queue": [2, 2][: 1 + s % 2], "staleness_hist_inflight": [1, 3, 0][: 1 + s % 3],
+                     "is_ess": 1.0 - 0.02 * s, "is_ess_applied": 1.0 - 0.01 * s, "abs_log_ratio_mean": 0.01 * s,
+                     "abs_log_ratio_max": 0.1 * s, "kl_behav_learner": 0.001 * s, "is_masked_frac": 0.0,
+                     "is_truncated_frac": 0.01 * s, "generated_len_mean": 40.0 + s, "generated_len_p90": 60.0 + s,
+                     "generated_reward_mean": 0.3, "trained_len_mean": 35.0, "trained_len_p90": 50.0,
+                     "dropped_stale_len_mean": 70.0 if s % 3 == 0 else None, "dropped_stale_len_p90": None,
+                     "dropped_stale_reward_mean": None, "rejected_zero_adv_len_mean": 30.0,
+                     "rejected_zero_adv_len_p90": 40.0, "rejected_zero_adv_reward_mean": 0.9})
     rows.insert(0, {"eval": True, "step": 0, "avg_at_k": 0.3, "pass_at_k": {"1": 0.3}, "k": 4})
     rows.append({"eval": True, "step": 12, "avg_at_k": 0.6, "pass_at_k": {"1": 0.6}, "k": 4})
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (tmp_path / "config.yaml").write_text("algo:\n  entropy:\n    target: 0.2\n")
     paths = plot_run(tmp_path)
-    assert [p.name for p in paths] == ["training.png", "staleness.png"]
+    assert [p.name for p in paths] == ["training.png", "staleness.png", "offpolicy.png"]
     from PIL import Image
 
     for p in paths:
@@ -76,4 +83,4 @@ def test_plot_run_tolerates_an_empty_run(tmp_path):
     from async_or1.plots import plot_run
 
     (tmp_path / "metrics.jsonl").write_text("")
-    assert len(plot_run(tmp_path)) == 2
+    assert len(plot_run(tmp_path)) == 3

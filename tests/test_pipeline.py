@@ -21,6 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def build_tiny(root: Path) -> Path:
     """A random 2-layer Qwen2 + the embedded tokenizer + 64 arithmetic training rows."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -29,7 +33,6 @@ def tiny(tmp_path_factory):
     from async_or1.embedded import task
     from async_or1.embedded.tokenizer import build_tokenizer
 
-    root = tmp_path_factory.mktemp("tiny")
     probs = task.make_problems(0, 64, 1, 3)
     corpus = [p.text() + "\n" + task.worked_solution(p) for p in probs]
     tok = build_tokenizer(corpus, root / "model", vocab_size=300)
@@ -146,6 +149,34 @@ def test_processes_async_two_ranks_two_generators_then_resume(tiny, tmp_path):
         assert len(state["source"]["reissue"]) >= state["buffer"]["queued"] + state["buffer"]["in_flight"]
     lost = summ["accounting"]["dropped"].get("lost_on_resume", 0)
     assert summ["source"].get("reissued_served", 0) >= lost
+
+
+@pytest.mark.slow
+def test_processes_update_tuple_and_kl_term(tiny, tmp_path):
+    """The paper's update tuple and the KL term in a real run: (N_SGD, N_reuse) = (2, 2), so four
+    optimizer steps per training step, a proximal pass and a frozen reference under ZeRO-3 over two
+    learner ranks, one generator process, ZeroMQ and the gloo weight broadcast. The version still
+    counts training steps: one row, one broadcast, one unit of staleness per rollout batch."""
+    _train(_overrides(tiny, tmp_path, "tuple", **{"generation.devices": "0", "learner.devices": "0,1",
+                                                   "learner.zero_stage": 3, "learner.mini_batches_per_step": 2,
+                                                   "learner.passes_per_batch": 2, "algo.correction": "tis",
+                                                   "algo.kl_coef": 0.05, "buffer.max_staleness": 1,
+                                                   # the random model scores 0 everywhere (advantages 0): a
+                                                   # fixed entropy bonus is what moves it off the reference
+                                                   "algo.entropy.enabled": "false",
+                                                   "algo.entropy.coef_init": 0.01}))
+    run = tmp_path / "tuple"
+    summ = _check_run(run, steps=3, generators=1, max_staleness=1)
+    rows = [r for r in _rows(run) if not r.get("eval")]
+    assert [r["optimizer_steps"] for r in rows] == [4, 4, 4]
+    assert all(r["token_updates"] == 2 * r["trained_tokens"] for r in rows)   # each token trained twice
+    # the reference is the initial policy: the KL is positive once the policy has moved (from the
+    # step's second update on), and so is the drift of π_θ from π_prox within a step
+    assert all(r["kl_ref"] > 0 for r in rows)
+    assert all(r["ratio_mean"] != 1.0 for r in rows) and all(r["grad_norm"] > 0 for r in rows)
+    # a weight broadcast per training step (versions 0..3), not per optimizer step
+    assert sorted(int(v) for v in summ["weight_fingerprints"]["sent"]) == [0, 1, 2, 3]
+    assert all(0 < r["is_ess"] <= 1 for r in rows)
 
 
 @pytest.mark.slow

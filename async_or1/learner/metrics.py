@@ -10,18 +10,24 @@ from typing import Any
 
 REQUIRED_KEYS = ("step", "version", "stage", "reward_mean", "reward_mean_sampled", "entropy", "entropy_coef",
                  "clip_frac_low", "clip_frac_high", "staleness_mean", "staleness_max", "dropped_stale", "rejected_zero_adv",
-                 "trained_tokens", "tokens_per_s", "gen_idle_frac", "learner_idle_frac")
+                 "trained_tokens", "tokens_per_s", "gen_idle_frac", "learner_idle_frac",
+                 # the policy update and what stale data does to it (learner/update.py, algo/corrections.py)
+                 "optimizer_steps", "ratio_mean", "is_ess", "is_ess_applied", "abs_log_ratio_mean", "abs_log_ratio_max",
+                 "kl_behav_learner", "is_masked_frac", "is_truncated_frac",
+                 "trained_len_mean", "trained_len_p90", "generated_len_mean", "generated_len_p90",
+                 "generated_reward_mean", "dropped_stale_len_mean", "dropped_stale_reward_mean")
 
 
-def _clean(v: Any) -> Any:
+def finite_json(v: Any) -> Any:
+    """A JSON-ready copy: NaN/inf → None (strict JSON), tensors and numpy scalars → Python numbers."""
     if isinstance(v, float) and not math.isfinite(v):
         return None
     if isinstance(v, dict):
-        return {str(k): _clean(x) for k, x in v.items()}
+        return {str(k): finite_json(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
+        return [finite_json(x) for x in v]
     if hasattr(v, "item"):
-        return _clean(v.item())
+        return finite_json(v.item())
     return v
 
 
@@ -33,7 +39,7 @@ def progress_line(row: dict, total_steps: int | None = None) -> str:
             f"trained {row['reward_mean']:.3f} | "
             f"entropy {row['entropy']:.3f} (coef {row['entropy_coef']:.4f}) | "
             f"clip lo/hi {row['clip_frac_low']:.3f}/{row['clip_frac_high']:.3f} | "
-            f"staleness {row['staleness_mean']:.2f} max {row['staleness_max']} | "
+            f"staleness {row['staleness_mean']:.2f} max {row['staleness_max']} ess {row['is_ess']:.2f} | "
             f"{row['tokens_per_s']:.0f} tok/s | idle gen {row['gen_idle_frac']:.0%} learner "
             f"{row['learner_idle_frac']:.0%}")
 
@@ -56,7 +62,7 @@ class MetricsWriter:
         missing = [k for k in REQUIRED_KEYS if k not in row]
         if missing:
             raise KeyError(f"metrics row lacks {missing}")
-        row = _clean(row)
+        row = finite_json(row)
         self._f.write(json.dumps(row) + "\n")
         self._f.flush()
         if self._tb is not None:
@@ -69,7 +75,7 @@ class MetricsWriter:
             print(progress_line(row, self.total_steps), flush=True)
 
     def write_summary(self, summary: dict) -> None:
-        (self.run_dir / "learner_summary.json").write_text(json.dumps(_clean(summary), indent=1))
+        (self.run_dir / "learner_summary.json").write_text(json.dumps(finite_json(summary), indent=1))
 
     def close(self) -> None:
         self._f.close()

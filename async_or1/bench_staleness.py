@@ -1,0 +1,186 @@
+"""``async-or1 bench staleness``: learning under staleness, cell by cell, honest about noise.
+
+Cells: every max_staleness η × every correction (async mode; η = 0 is on-policy), plus the paper's
+section-4 ablation at η = 0 with correction 'none': (N_SGD, N_reuse) = (1, 1), (4, 1), (1, 2) — does
+entropy collapse faster with more optimizer steps per rollout batch? Every cell trains the same
+config for the same steps with the same seeds; rounds are interleaved (``bench_runs``).
+
+Per cell and round: the sampled reward, entropy and off-policy diagnostics vs step and wall time,
+held-out avg@k before and after. Per cell: the mean over rounds and the spread (max − min). A
+cell is compared with its baseline (the first η with the first correction; the ablation with
+(1, 1)): a difference no larger than the larger of the two spreads is reported as "none"; with one
+round there is no spread and the verdict is "unknown".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LAST = 10  # steps averaged at the end of a run for the "final" numbers
+CURVE_KEYS = ("reward_mean_sampled", "entropy", "is_ess", "abs_log_ratio_mean", "kl_behav_learner",
+              "clip_frac_low", "clip_frac_high", "is_masked_frac", "is_truncated_frac", "staleness_mean",
+              "trained_len_mean", "generated_len_mean")
+FINAL_KEYS = ("reward_last", "entropy_last", "heldout_after", "staleness_mean", "is_ess_mean",
+              "kl_behav_learner_mean", "clip_frac_mean", "is_masked_frac_mean")
+ABLATION = ((1, 1), (4, 1), (1, 2))
+
+
+@dataclass(frozen=True)
+class Cell:
+    max_staleness: int
+    correction: str
+    mini_batches: int = 1
+    passes: int = 1
+
+    @property
+    def name(self) -> str:
+        return f"eta{self.max_staleness}-{self.correction}-sgd{self.mini_batches}-reuse{self.passes}"
+
+    def overrides(self) -> list[str]:
+        return ["mode=async", f"buffer.max_staleness={self.max_staleness}", f"algo.correction={self.correction}",
+                f"learner.mini_batches_per_step={self.mini_batches}", f"learner.passes_per_batch={self.passes}"]
+
+
+def make_cells(max_staleness: list[int], corrections: list[str], ablation: bool) -> list[Cell]:
+    """The grid, then the ablation cells it does not already hold (its (1, 1) is the grid's η = 0 'none'
+    cell when the grid has one)."""
+    cells = [Cell(e, c) for e in max_staleness for c in corrections]
+    if ablation:
+        cells += [c for c in (Cell(0, "none", n, r) for n, r in ABLATION) if c not in cells]
+    return cells
+
+
+def run_summary(rows: list[dict]) -> dict[str, Any]:
+    """One run: its curves (per step) and its final numbers."""
+    train = [r for r in rows if not r.get("eval")]
+    evals = {e.get("label"): e for e in rows if e.get("eval")}
+    tail = train[-LAST:]
+
+    def mean(key: str, rs: list[dict]) -> float:
+        vals = [r[key] for r in rs if r.get(key) is not None]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    final = {"reward_last": mean("reward_mean_sampled", tail), "entropy_last": mean("entropy", tail),
+             "heldout_before": evals.get("before", {}).get("avg_at_k", float("nan")),
+             "heldout_after": evals.get("after", {}).get("avg_at_k", float("nan")),
+             "staleness_mean": mean("staleness_mean", train), "is_ess_mean": mean("is_ess", train),
+             "kl_behav_learner_mean": mean("kl_behav_learner", train),
+             "clip_frac_mean": mean("clip_frac_low", train) + mean("clip_frac_high", train),
+             "is_masked_frac_mean": mean("is_masked_frac", train),
+             "dropped_stale": int(sum(r.get("dropped_stale", 0) for r in train))}
+    curves = {k: [r.get(k) for r in train] for k in CURVE_KEYS}
+    curves["step"] = [r["step"] + 1 for r in train]
+    curves["time_s"] = [r["time_s"] for r in train]
+    return {"final": final, "curves": curves}
+
+
+def verdict(cell: list[float], base: list[float]) -> dict[str, Any]:
+    """Is ``cell`` different from ``base`` beyond the noise? The noise is the larger spread (max − min)
+    of the two over rounds; a difference within it is 'none'. One round: 'unknown'."""
+    c, b = np.array(cell, dtype=float), np.array(base, dtype=float)
+    c, b = c[np.isfinite(c)], b[np.isfinite(b)]
+    if not len(c) or not len(b):
+        return {"diff": None, "noise": None, "verdict": "unknown"}
+    diff = float(c.mean() - b.mean())
+    if len(c) < 2 or len(b) < 2:
+        return {"diff": diff, "noise": None, "verdict": "unknown"}
+    noise = float(max(np.ptp(c), np.ptp(b)))
+    return {"diff": diff, "noise": noise, "verdict": "none" if abs(diff) <= noise else
+            ("higher" if diff > 0 else "lower")}
+
+
+def summarize(results: list[dict], cells: list[Cell], max_staleness: list[int], corrections: list[str]) -> dict:
+    """Per cell: mean and spread of the final numbers over rounds, mean curves, and verdicts against
+    its baseline."""
+    by = {c.name: [r for r in results if r["cell"] == c.name] for c in cells}
+    out = []
+    for c in cells:
+        rs = by[c.name]
+        finals = {k: [r["final"][k] for r in rs] for k in FINAL_KEYS}
+        ablation = (c.mini_batches, c.passes) != (1, 1)
+        base = Cell(0, "none") if ablation else Cell(max_staleness[0], corrections[0])
+        base_rs = by.get(base.name, [])
+        n = min(len(r["curves"]["step"]) for r in rs)
+        mean_curves = {k: [_nanmean([r["curves"][k][i] for r in rs]) for i in range(n)]
+                       for k in (*CURVE_KEYS, "step", "time_s")}
+        out.append({"cell": c.name, "max_staleness": c.max_staleness, "correction": c.correction,
+                    "mini_batches_per_step": c.mini_batches, "passes_per_batch": c.passes, "repeats": len(rs),
+                    "baseline": base.name,
+                    "final": {k: {"mean": _nanmean(v), "spread": _spread(v), "values": v} for k, v in finals.items()},
+                    "vs_baseline": {k: verdict(finals[k], [r["final"][k] for r in base_rs])
+                                    for k in FINAL_KEYS} if base.name != c.name else {},
+                    "curves": mean_curves})
+    return {"cells": out, "raw": results}
+
+
+def _nanmean(v: list) -> float:
+    a = np.array([x for x in v if x is not None], dtype=float)
+    a = a[np.isfinite(a)]
+    return float(a.mean()) if len(a) else float("nan")
+
+
+def _spread(v: list) -> float:
+    a = np.array([x for x in v if x is not None], dtype=float)
+    a = a[np.isfinite(a)]
+    return float(np.ptp(a)) if len(a) > 1 else float("nan")
+
+
+def main(config: str, max_staleness: str, corrections: str, steps: int, repeats: int, out: str,
+         ablation: bool = True, overrides: list[str] | None = None) -> int:
+    from async_or1.algo.corrections import CORRECTIONS
+    from async_or1.bench_runs import cell_config, interleaved, run_cell
+    from async_or1.learner.metrics import finite_json
+
+    etas = [int(e) for e in max_staleness.split(",") if e.strip()]
+    corrs = [c.strip() for c in corrections.split(",") if c.strip()]
+    bad = [c for c in corrs if c not in CORRECTIONS]
+    if bad or not corrs or not etas or min(etas) < 0:
+        raise SystemExit(f"--corrections must be among {', '.join(CORRECTIONS)} and --max-staleness integers "
+                         f">= 0 (got {corrections!r}, {max_staleness!r})")
+    cells = make_cells(etas, corrs, ablation)
+    for c in cells:  # every cell's config is checked before the first run starts
+        cell_config(config, list(overrides or []) + c.overrides(), c.name, "runs/bench-staleness", steps, 0)
+    print(f"bench staleness: {len(cells)} cells × {repeats} rounds × {steps} steps", flush=True)
+    results = []
+    for rep, c in interleaved(cells, repeats):
+        cfg = cell_config(config, list(overrides or []) + c.overrides(), f"{c.name}-r{rep}", "runs/bench-staleness",
+                          steps, rep, evals=True)
+        rows, wall = run_cell(cfg)
+        summ = run_summary(rows)
+        results.append({"cell": c.name, "repeat": rep, "seed": cfg.seed, "wall_s": wall, **summ})
+        f = summ["final"]
+        print(f"bench: {c.name} round {rep}: reward (last {LAST}) {f['reward_last']:.3f}, held-out "
+              f"{f['heldout_before']:.3f} → {f['heldout_after']:.3f}, entropy {f['entropy_last']:.4f}, "
+              f"staleness {f['staleness_mean']:.2f}, ESS {f['is_ess_mean']:.3f}, {wall:.0f} s", flush=True)
+    report = summarize(results, cells, etas, corrs)
+    report.update({"config": config, "steps": steps, "repeats": repeats, "overrides": list(overrides or []),
+                   "max_staleness": etas, "corrections": corrs, "last_steps": LAST})
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(finite_json(report), indent=1))
+    from async_or1.plots import plot_staleness_study
+
+    plot_staleness_study(report, out_path.with_suffix(".png"))
+    for line in one_lines(report):
+        print(line)
+    return 0
+
+
+def one_lines(report: dict) -> list[str]:
+    """One line per cell: held-out and final reward with spreads, and the verdicts that are not 'none'."""
+    lines = []
+    for c in report["cells"]:
+        f = c["final"]
+        differs = [f"{k} {v['verdict']} ({v['diff']:+.3f}, noise {v['noise']:.3f})"
+                   for k, v in c["vs_baseline"].items() if v["verdict"] in ("higher", "lower")]
+        lines.append(f"staleness: {c['cell']}: held-out {f['heldout_after']['mean']:.3f}±{f['heldout_after']['spread']:.3f}"
+                     f", reward {f['reward_last']['mean']:.3f}±{f['reward_last']['spread']:.3f}, entropy "
+                     f"{f['entropy_last']['mean']:.4f}; vs {c['baseline']}: "
+                     + ("; ".join(differs) if differs else ("no difference beyond noise" if c["vs_baseline"]
+                                                           else "baseline")))
+    return lines
