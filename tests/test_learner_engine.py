@@ -212,9 +212,12 @@ def _check_kl(job: dict, rows, world: int, rank: int) -> None:
         eng, pre, steps, weights = _tuple_run(job, rows, world, rank, "tis", kl_coef=0.05, kl_estimator=est)
         out[est] = (steps, weights[0], weights[1])
         if job["zero"] == 3:
-            ref = [p for p in eng.reference.module.parameters()]
-            assert all(hasattr(p, "ds_numel") and p.numel() == 0 for p in ref), "reference not partitioned"
-            assert sum(p.ds_tensor.numel() for p in ref) < sum(p.ds_numel for p in ref), "each rank holds a part"
+            pol = dict(eng.engine.module.named_parameters())
+            ref = dict(eng.reference.module.named_parameters())
+            assert pol.keys() == ref.keys()
+            for n, p in ref.items():  # split exactly as the policy's parameter of the same name
+                assert hasattr(p, "ds_numel") and p.numel() == 0, f"reference {n} is not partitioned"
+                assert p.ds_tensor.numel() == pol[n].ds_tensor.numel() < p.ds_numel, n
     if rank == 0:
         torch.save(out, Path(job["out"]) / f"kl_w{world}_z{job['zero']}.pt")
 
@@ -224,6 +227,19 @@ def _worker(job: dict) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    if job.get("partition_all"):
+        # ZeRO-3 keeps parameters under stage3_param_persistence_threshold (1e5 elements) whole on every
+        # rank; this model's are all smaller, so without this nothing would be split at all.
+        from async_or1.learner import engine as engine_mod
+
+        base = engine_mod.deepspeed_config
+
+        def split_everything(cfg, world_size):
+            ds = base(cfg, world_size)
+            ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+            return ds
+
+        engine_mod.deepspeed_config = split_everything
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(job["out"])
@@ -469,7 +485,8 @@ def _two_ranks_match_one_rank(reference, tmp_path, zeros: list, tasks: list) -> 
     from transformers import AutoModelForCausalLM
 
     model, ref = reference
-    job = {"model": str(model), "zeros": zeros, "out": str(tmp_path), "tasks": tasks, "weights_port": _free_port()}
+    job = {"model": str(model), "zeros": zeros, "out": str(tmp_path), "tasks": tasks, "weights_port": _free_port(),
+           "partition_all": 3 in zeros}
     launch(job, world=2)
     init = {n: p.detach() for n, p in AutoModelForCausalLM.from_pretrained(str(model)).named_parameters()}
     moved = max((ref["params"][n] - init[n]).abs().max().item() for n in init)
