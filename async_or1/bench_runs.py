@@ -19,14 +19,13 @@ def interleaved(cells: list, repeats: int) -> Iterator[tuple[int, Any]]:
             yield rep, cell
 
 
-def cell_config(config: str, overrides: list[str], name: str, output_dir: str, steps: int, rep: int,
-                evals: bool = False) -> Any:
+def cell_config(config: str, overrides: list[str], name: str, output_dir: str, steps: int, rep: int) -> Any:
     """The config of one cell: ``overrides`` (the user's, then the cell's) on ``config``, one stage
-    of ``steps`` steps, no checkpoints or plots, seed + rep."""
+    of ``steps`` steps, no checkpoints, plots or before/after evals (``evaluate`` runs those), seed + rep."""
     from async_or1.config import load_config
 
     cfg = load_config(config, list(overrides) + [
-        f"name={name}", f"output_dir={output_dir}", f"eval.at_start_and_end={str(evals).lower()}",
+        f"name={name}", f"output_dir={output_dir}", "eval.at_start_and_end=false",
         "log.plots=false", "log.tensorboard=false", "learner.checkpoint_every_steps=0"])
     cfg.stages[0].steps = steps
     cfg.schedule = [cfg.stages[0]]
@@ -47,6 +46,17 @@ def run_cell(cfg: Any) -> tuple[list[dict], float]:
     if rc != 0:
         raise SystemExit(f"bench run {cfg.name} failed with exit code {rc}; see {cfg.run_dir / 'logs'}")
     return read_rows(cfg.run_dir), round(time.time() - t0, 1)
+
+
+def evaluate(cfg: Any, label: str, model_path: str | None = None) -> dict:
+    """Held-out avg@k of ``model_path`` (default: the cell's final weights) with the cell's eval
+    settings and seed, appended to its metrics.jsonl (``launch.run_eval``)."""
+    from async_or1.launch import resolve_inputs, run_eval
+
+    inputs = resolve_inputs(cfg)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    return run_eval(cfg, model_path or str(cfg.run_dir / "final"), inputs["eval_files"], label,
+                    0 if model_path else cfg.total_steps, cfg.run_dir)
 
 
 def read_rows(run_dir: Path) -> list[dict]:

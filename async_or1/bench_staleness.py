@@ -6,7 +6,8 @@ entropy collapse faster with more optimizer steps per rollout batch? Every cell 
 config for the same steps with the same seeds; rounds are interleaved (``bench_runs``).
 
 Per cell and round: the sampled reward, entropy and off-policy diagnostics vs step and wall time,
-held-out avg@k before and after. Per cell: the mean over rounds and the spread (max − min). A
+held-out avg@k after (and at every ``--eval-every`` steps), against the initial model's, measured
+once per round. Per cell: the mean over rounds and the spread (max − min). A
 cell is compared with its baseline (the first η with the first correction; the ablation with
 (1, 1)): a difference no larger than the larger of the two spreads is reported as "none"; with one
 round there is no spread and the verdict is "unknown".
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 LAST = 10  # steps averaged at the end of a run for the "final" numbers
+OUT_DIR = "runs/bench-staleness"
 CURVE_KEYS = ("reward_mean_sampled", "entropy", "is_ess", "abs_log_ratio_mean", "kl_behav_learner",
               "clip_frac_low", "clip_frac_high", "is_masked_frac", "is_truncated_frac", "staleness_mean",
               "trained_len_mean", "generated_len_mean")
@@ -55,8 +57,8 @@ def make_cells(max_staleness: list[int], corrections: list[str], ablation: bool)
     return cells
 
 
-def run_summary(rows: list[dict]) -> dict[str, Any]:
-    """One run: its curves (per step) and its final numbers."""
+def run_summary(rows: list[dict], heldout_before: float = float("nan")) -> dict[str, Any]:
+    """One run: its curves (per step; the held-out ones at the snapshot steps) and its final numbers."""
     train = [r for r in rows if not r.get("eval")]
     evals = {e.get("label"): e for e in rows if e.get("eval")}
     tail = train[-LAST:]
@@ -66,7 +68,7 @@ def run_summary(rows: list[dict]) -> dict[str, Any]:
         return float(np.mean(vals)) if vals else float("nan")
 
     final = {"reward_last": mean("reward_mean_sampled", tail), "entropy_last": mean("entropy", tail),
-             "heldout_before": evals.get("before", {}).get("avg_at_k", float("nan")),
+             "heldout_before": evals.get("before", {}).get("avg_at_k", heldout_before),
              "heldout_after": evals.get("after", {}).get("avg_at_k", float("nan")),
              "staleness_mean": mean("staleness_mean", train), "is_ess_mean": mean("is_ess", train),
              "kl_behav_learner_mean": mean("kl_behav_learner", train),
@@ -76,6 +78,8 @@ def run_summary(rows: list[dict]) -> dict[str, Any]:
     curves = {k: [r.get(k) for r in train] for k in CURVE_KEYS}
     curves["step"] = [r["step"] + 1 for r in train]
     curves["time_s"] = [r["time_s"] for r in train]
+    held = sorted((e["step"], e["avg_at_k"]) for e in rows if e.get("eval") and e.get("label") != "before")
+    curves["heldout"] = [[0, final["heldout_before"]]] + [list(x) for x in held]
     return {"final": final, "curves": curves}
 
 
@@ -108,6 +112,8 @@ def summarize(results: list[dict], cells: list[Cell], max_staleness: list[int], 
         n = min(len(r["curves"]["step"]) for r in rs)
         mean_curves = {k: [_nanmean([r["curves"][k][i] for r in rs]) for i in range(n)]
                        for k in (*CURVE_KEYS, "step", "time_s")}
+        mean_curves["heldout"] = [[s, _nanmean([dict(map(tuple, r["curves"]["heldout"])).get(s) for r in rs])]
+                                  for s, _ in rs[0]["curves"]["heldout"]]
         out.append({"cell": c.name, "max_staleness": c.max_staleness, "correction": c.correction,
                     "mini_batches_per_step": c.mini_batches, "passes_per_batch": c.passes, "repeats": len(rs),
                     "baseline": base.name,
@@ -131,9 +137,9 @@ def _spread(v: list) -> float:
 
 
 def main(config: str, max_staleness: str, corrections: str, steps: int, repeats: int, out: str,
-         ablation: bool = True, overrides: list[str] | None = None) -> int:
+         ablation: bool = True, eval_every: int = 0, overrides: list[str] | None = None) -> int:
     from async_or1.algo.corrections import CORRECTIONS
-    from async_or1.bench_runs import cell_config, interleaved, run_cell
+    from async_or1.bench_runs import cell_config, evaluate, interleaved, read_rows, run_cell
     from async_or1.learner.metrics import finite_json
 
     etas = [int(e) for e in max_staleness.split(",") if e.strip()]
@@ -143,20 +149,28 @@ def main(config: str, max_staleness: str, corrections: str, steps: int, repeats:
         raise SystemExit(f"--corrections must be among {', '.join(CORRECTIONS)} and --max-staleness integers "
                          f">= 0 (got {corrections!r}, {max_staleness!r})")
     cells = make_cells(etas, corrs, ablation)
+    extra = list(overrides or []) + ([f"eval.every_steps={eval_every}"] if eval_every else [])
     for c in cells:  # every cell's config is checked before the first run starts
-        cell_config(config, list(overrides or []) + c.overrides(), c.name, "runs/bench-staleness", steps, 0)
+        cell_config(config, extra + c.overrides(), c.name, OUT_DIR, steps, 0)
     print(f"bench staleness: {len(cells)} cells × {repeats} rounds × {steps} steps", flush=True)
-    results = []
+    results, before = [], {}
     for rep, c in interleaved(cells, repeats):
-        cfg = cell_config(config, list(overrides or []) + c.overrides(), f"{c.name}-r{rep}", "runs/bench-staleness",
-                          steps, rep, evals=True)
+        cfg = cell_config(config, extra + c.overrides(), f"{c.name}-r{rep}", OUT_DIR, steps, rep)
+        if rep not in before:
+            # The initial model is every cell's: its held-out score is measured once per round (seed).
+            from async_or1.launch import resolve_inputs
+
+            bcfg = cell_config(config, extra + c.overrides(), f"before-r{rep}", OUT_DIR, steps, rep)
+            before[rep] = evaluate(bcfg, "before", resolve_inputs(bcfg)["model_path"])["avg_at_k"]
         rows, wall = run_cell(cfg)
-        summ = run_summary(rows)
+        evaluate(cfg, "after")
+        rows = read_rows(cfg.run_dir)
+        summ = run_summary(rows, heldout_before=before[rep])
         results.append({"cell": c.name, "repeat": rep, "seed": cfg.seed, "wall_s": wall, **summ})
         f = summ["final"]
         print(f"bench: {c.name} round {rep}: reward (last {LAST}) {f['reward_last']:.3f}, held-out "
               f"{f['heldout_before']:.3f} → {f['heldout_after']:.3f}, entropy {f['entropy_last']:.4f}, "
-              f"staleness {f['staleness_mean']:.2f}, ESS {f['is_ess_mean']:.3f}, {wall:.0f} s", flush=True)
+              f"staleness {f['staleness_mean']:.2f}, ESS {f['is_ess_mean']:.3f}, {wall:.0f} s training", flush=True)
     report = summarize(results, cells, etas, corrs)
     report.update({"config": config, "steps": steps, "repeats": repeats, "overrides": list(overrides or []),
                    "max_staleness": etas, "corrections": corrs, "last_steps": LAST})

@@ -286,6 +286,9 @@ def plot_staleness_study(report: dict, out_png: str | Path) -> Path:
                 ys = c["curves"][key]
                 ax.plot(c["curves"][x], _moving_average(ys) if key == "reward_mean_sampled" else ys,
                         color=color[e], label=f"η={e}")
+                held = c["curves"].get("heldout") or []
+                if (i, x) == (0, "step") and len(held) > 2:  # --eval-every: the held-out curve too
+                    ax.plot([h[0] for h in held], [h[1] for h in held], "o--", color=color[e], ms=3, lw=0.8)
             ax.set(title=f"{corr}: {ylabel}", xlabel="training step" if x == "step" else "wall time (s)",
                    ylabel=ylabel)
             ax.legend(fontsize=7)

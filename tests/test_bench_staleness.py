@@ -63,6 +63,8 @@ def test_run_summary_and_report_by_hand(tmp_path):
     assert f["reward_last"] == 0.5 and f["heldout_before"] == 0.3 and f["heldout_after"] == 0.6
     assert f["clip_frac_mean"] == pytest.approx(0.03) and f["dropped_stale"] == 12
     assert summ["curves"]["step"] == list(range(1, 13)) and summ["curves"]["time_s"][-1] == 22.0
+    assert summ["curves"]["heldout"] == [[0, 0.3], [12, 0.6]]
+    assert run_summary(_rows(0.5, 0.2)[1:], heldout_before=0.25)["final"]["heldout_before"] == 0.25
     cells = make_cells([0, 2], ["none"], ablation=True)
     rewards = {"eta0-none-sgd1-reuse1": (0.5, 0.52), "eta2-none-sgd1-reuse1": (0.3, 0.32),
                "eta0-none-sgd4-reuse1": (0.49, 0.55), "eta0-none-sgd1-reuse2": (0.5, 0.51)}

@@ -219,8 +219,8 @@ class LearnerEngine:
         weights unless ``m2po_cut`` is given. The KL term needs ``mb.ref_logprobs``."""
         import torch.distributed as dist
 
-        from async_or1.algo import behaviour_sums, correction_weights, policy_loss
-        from async_or1.algo.corrections import DIAG_SUMS, clipped, ratio_anchor_is_behaviour
+        from async_or1.algo import policy_loss
+        from async_or1.algo.corrections import DIAG_SUMS, clipped
 
         a = self.cfg.algo
         clip_low = a.clip_low if clip_low is None else clip_low
@@ -228,7 +228,7 @@ class LearnerEngine:
         correction = a.correction if correction is None else correction
         kl_coef = a.kl_coef if kl_coef is None else kl_coef
         params = correction_params(a)
-        on_behaviour, clip = ratio_anchor_is_behaviour(correction), clipped(correction)
+        clip = clipped(correction)
         mbs = list(micro_batches) or [_empty()]
         t_global = max(int(num_tokens_global), 1)
         dev = self.device
@@ -242,32 +242,16 @@ class LearnerEngine:
             if mb.size == 0:
                 loss = (logp.sum() + ent.sum()) * 0.0
             else:
-                sel = mb.loss_mask.to(dev) > 0
-                behav = mb.behavior_logprobs.to(dev)[sel].float()  # [N]
+                sel = mb.loss_mask.to(dev) > 0  # [B, L]
                 adv = mb.advantages.to(dev)[sel].float()  # [N]
-                if on_behaviour:
-                    old = behav
-                elif mb.old_logprobs is not None:
-                    old = mb.old_logprobs.to(dev)[sel].float()
-                else:
-                    old = logp.detach().float()
-                weight = mb.is_weights.to(dev)[sel].float() if (mb.is_weights is not None and not on_behaviour) else None
-                if mb.old_logprobs is None and mb.is_weights is None:
-                    # The step's only update: π_prox is this forward's own (pre-update) log-probs.
+                old, weight, diag = self._anchor_and_weight(mb, logp, sel, correction, params, m2po_cut)
+                if diag is not None:
                     in_step_weights = True
-                    mask_bl = mb.loss_mask.to(dev)  # [B, L]
-                    prox_bl = torch.zeros_like(mask_bl)
-                    prox_bl[sel] = logp.detach().float()
-                    log_rho = (prox_bl - mb.behavior_logprobs.to(dev)) * mask_bl
-                    w = correction_weights(correction, log_rho, mask_bl, params, m2po_cut)
-                    if not on_behaviour:
-                        weight = w.weight[sel].float()
-                    sums, mx = behaviour_sums(log_rho, mask_bl, w)
-                    behav_acc += sums
-                    behav_max = torch.maximum(behav_max, mx)
-                ref = mb.ref_logprobs.to(dev)[sel].float()[None] if kl_coef else None
+                    behav_acc += diag[0]
+                    behav_max = torch.maximum(behav_max, diag[1])
                 if kl_coef and mb.ref_logprobs is None:
                     raise ValueError("LearnerEngine.train_step: kl_coef > 0 needs mb.ref_logprobs (score(reference=True))")
+                ref = mb.ref_logprobs.to(dev)[sel].float()[None] if kl_coef else None
                 loss, st = policy_loss(logp.float()[None], old[None], adv[None], torch.ones_like(adv)[None],
                                        clip_low=clip_low, clip_high=clip_high, clip=clip,
                                        weight=None if weight is None else weight[None], entropy=ent.float()[None],
@@ -294,6 +278,33 @@ class LearnerEngine:
             dist.all_reduce(mx, op=dist.ReduceOp.MAX)
             out["behaviour"] = (packed[7:-1].tolist(), float(mx))
         return out
+
+    def _anchor_and_weight(self, mb: MicroBatch, logp: torch.Tensor, sel: torch.Tensor, correction: str,
+                           params: Any, m2po_cut: float | None) -> tuple:
+        """One micro-batch's ratio anchor [N], behaviour weight [N] (None: no weight) and, when they were
+        computed here, its ``algo.behaviour_sums``. Without proximal log-probs the micro-batch belongs
+        to the step's only update, whose forward runs on the pre-update weights: its own detached
+        log-probs are π_prox, and the weights come from them."""
+        from async_or1.algo import behaviour_sums, correction_weights
+        from async_or1.algo.corrections import ratio_anchor_is_behaviour
+
+        dev = self.device
+        behav = mb.behavior_logprobs.to(dev)[sel].float()  # [N]
+        on_behaviour = ratio_anchor_is_behaviour(correction)
+        if mb.old_logprobs is not None:  # the proximal pass ran (learner/update.py)
+            if on_behaviour:
+                return behav, None, None
+            weight = mb.is_weights.to(dev)[sel].float() if mb.is_weights is not None else None
+            return mb.old_logprobs.to(dev)[sel].float(), weight, None
+        mask_bl = mb.loss_mask.to(dev)  # [B, L]
+        prox_bl = torch.zeros_like(mask_bl)
+        prox_bl[sel] = logp.detach().float()
+        log_rho = (prox_bl - mb.behavior_logprobs.to(dev)) * mask_bl
+        w = correction_weights(correction, log_rho, mask_bl, params, m2po_cut)
+        diag = behaviour_sums(log_rho, mask_bl, w)
+        if on_behaviour:
+            return behav, None, diag
+        return logp.detach().float(), w.weight[sel].float(), diag
 
     def _grad_norm(self) -> float:
         """Global L2 norm of the (already all-reduced, identical on every rank) ZeRO-0 gradients;
