@@ -137,7 +137,7 @@ def _spread(v: list) -> float:
 
 
 def main(config: str, max_staleness: str, corrections: str, steps: int, repeats: int, out: str,
-         ablation: bool = True, eval_every: int = 0, overrides: list[str] | None = None) -> int:
+         ablation: bool = True, eval_every: int = 0, overrides: list[str] | None = None, resume: bool = False) -> int:
     from async_or1.algo.corrections import CORRECTIONS
     from async_or1.bench_runs import cell_config, evaluate, interleaved, read_rows, run_cell
     from async_or1.learner.metrics import finite_json
@@ -153,8 +153,19 @@ def main(config: str, max_staleness: str, corrections: str, steps: int, repeats:
     for c in cells:  # every cell's config is checked before the first run starts
         cell_config(config, extra + c.overrides(), c.name, OUT_DIR, steps, 0)
     print(f"bench staleness: {len(cells)} cells × {repeats} rounds × {steps} steps", flush=True)
-    results, before = [], {}
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    # Every finished run is appended here at once: a study takes hours on a shared box, and --resume
+    # continues an interrupted one without repeating what it has.
+    ledger = out_path.with_suffix(".runs.jsonl")
+    done, before = _read_ledger(ledger, config, steps, extra) if resume else ({}, {})
+    if not resume:
+        ledger.unlink(missing_ok=True)
+    results = []
     for rep, c in interleaved(cells, repeats):
+        if (c.name, rep) in done:
+            results.append(done[(c.name, rep)])
+            continue
         cfg = cell_config(config, extra + c.overrides(), f"{c.name}-r{rep}", OUT_DIR, steps, rep)
         if rep not in before:
             # The initial model is every cell's: its held-out score is measured once per round (seed).
@@ -162,11 +173,13 @@ def main(config: str, max_staleness: str, corrections: str, steps: int, repeats:
 
             bcfg = cell_config(config, extra + c.overrides(), f"before-r{rep}", OUT_DIR, steps, rep)
             before[rep] = evaluate(bcfg, "before", resolve_inputs(bcfg)["model_path"])["avg_at_k"]
+            _append(ledger, {"kind": "before", "repeat": rep, "avg_at_k": before[rep], **_key(config, steps, extra)})
         rows, wall = run_cell(cfg)
         evaluate(cfg, "after")
-        rows = read_rows(cfg.run_dir)
-        summ = run_summary(rows, heldout_before=before[rep])
-        results.append({"cell": c.name, "repeat": rep, "seed": cfg.seed, "wall_s": wall, **summ})
+        summ = run_summary(read_rows(cfg.run_dir), heldout_before=before[rep])
+        res = {"cell": c.name, "repeat": rep, "seed": cfg.seed, "wall_s": wall, **summ}
+        results.append(res)
+        _append(ledger, {"kind": "run", **res, **_key(config, steps, extra)})
         f = summ["final"]
         print(f"bench: {c.name} round {rep}: reward (last {LAST}) {f['reward_last']:.3f}, held-out "
               f"{f['heldout_before']:.3f} → {f['heldout_after']:.3f}, entropy {f['entropy_last']:.4f}, "
@@ -174,8 +187,6 @@ def main(config: str, max_staleness: str, corrections: str, steps: int, repeats:
     report = summarize(results, cells, etas, corrs)
     report.update({"config": config, "steps": steps, "repeats": repeats, "overrides": list(overrides or []),
                    "max_staleness": etas, "corrections": corrs, "last_steps": LAST})
-    out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(finite_json(report), indent=1))
     from async_or1.plots import plot_staleness_study
 
@@ -183,6 +194,37 @@ def main(config: str, max_staleness: str, corrections: str, steps: int, repeats:
     for line in one_lines(report):
         print(line)
     return 0
+
+
+def _key(config: str, steps: int, overrides: list[str]) -> dict:
+    """What a ledger line must match to be reused by --resume: the same config, steps and overrides."""
+    return {"config": str(config), "steps": steps, "overrides": list(overrides)}
+
+
+def _append(ledger: Path, record: dict) -> None:
+    from async_or1.learner.metrics import finite_json
+
+    with ledger.open("a") as f:
+        f.write(json.dumps(finite_json(record)) + "\n")
+
+
+def _read_ledger(ledger: Path, config: str, steps: int, overrides: list[str]) -> tuple[dict, dict]:
+    """Finished runs {(cell, round): result} and before-evals {round: avg@k} of an earlier invocation
+    with the same config, steps and overrides."""
+    done, before = {}, {}
+    if not ledger.is_file():
+        return done, before
+    key = _key(config, steps, overrides)
+    for line in ledger.read_text().splitlines():
+        rec = json.loads(line)
+        found = {k: rec.get(k) for k in key}
+        if found != key:
+            raise SystemExit(f"--resume: {ledger} was written for {found}, not {key}")
+        if rec["kind"] == "before":
+            before[rec["repeat"]] = rec["avg_at_k"]
+        else:
+            done[(rec["cell"], rec["repeat"])] = {k: v for k, v in rec.items() if k not in (*key, "kind")}
+    return done, before
 
 
 def one_lines(report: dict) -> list[str]:

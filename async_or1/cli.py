@@ -107,6 +107,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--eval-every", type=int, default=0, help="held-out avg@k every N steps too (snapshots, "
                                                              "evaluated after each run); 0: after the run only")
     s.add_argument("--out", default="bench/results/staleness.json")
+    s.add_argument("--resume", action="store_true", help="reuse the runs an interrupted invocation (same config, "
+                                                         "steps and overrides) recorded in OUT's .runs.jsonl")
     s.add_argument("overrides", nargs="*", help="dotted config overrides applied to every run")
 
 
@@ -256,7 +258,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         return staleness(config=args.config, max_staleness=args.max_staleness, corrections=args.corrections,
                          steps=args.steps, repeats=args.repeats, out=args.out, ablation=not args.no_ablation,
-                         eval_every=args.eval_every, overrides=args.overrides)
+                         eval_every=args.eval_every, overrides=args.overrides, resume=args.resume)
     from async_or1.bench_throughput import main
 
     return main(config=args.config, modes=args.modes, max_staleness=args.max_staleness, steps=args.steps,

@@ -118,3 +118,20 @@ def test_bench_staleness_command_on_a_tiny_model(tmp_path):
     assert out.with_suffix(".png").is_file()
     assert sum(line.startswith("staleness: ") for line in p.stdout.splitlines()) == 2
     assert not math.isnan(rep["cells"][0]["final"]["entropy_last"]["mean"])
+
+
+def test_resume_ledger_round_trip_and_mismatch(tmp_path):
+    from async_or1.bench_staleness import _append, _key, _read_ledger
+
+    ledger = tmp_path / "s.runs.jsonl"
+    key = _key("configs/cpu-tiny.yaml", 40, ["eval.max_problems=100"])
+    _append(ledger, {"kind": "before", "repeat": 0, "avg_at_k": 0.3, **key})
+    _append(ledger, {"kind": "run", "cell": "eta0-none-sgd1-reuse1", "repeat": 0, "seed": 0,
+                     "final": {"reward_last": float("nan")}, **key})
+    done, before = _read_ledger(ledger, "configs/cpu-tiny.yaml", 40, ["eval.max_problems=100"])
+    assert before == {0: 0.3}
+    assert done == {("eta0-none-sgd1-reuse1", 0): {"cell": "eta0-none-sgd1-reuse1", "repeat": 0, "seed": 0,
+                                                   "final": {"reward_last": None}}}
+    with pytest.raises(SystemExit, match="was written for"):
+        _read_ledger(ledger, "configs/cpu-tiny.yaml", 30, ["eval.max_problems=100"])
+    assert _read_ledger(tmp_path / "none.jsonl", "x", 1, []) == ({}, {})
