@@ -228,15 +228,28 @@ def _read_ledger(ledger: Path, config: str, steps: int, overrides: list[str]) ->
 
 
 def one_lines(report: dict) -> list[str]:
-    """One line per cell: held-out and final reward with spreads, and the verdicts that are not 'none'."""
+    """One line per cell: held-out and final reward with their spreads over rounds, and the verdicts
+    against the baseline that are not 'none'."""
     lines = []
     for c in report["cells"]:
         f = c["final"]
+        vs = c["vs_baseline"]
         differs = [f"{k} {v['verdict']} ({v['diff']:+.3f}, noise {v['noise']:.3f})"
-                   for k, v in c["vs_baseline"].items() if v["verdict"] in ("higher", "lower")]
-        lines.append(f"staleness: {c['cell']}: held-out {f['heldout_after']['mean']:.3f}±{f['heldout_after']['spread']:.3f}"
-                     f", reward {f['reward_last']['mean']:.3f}±{f['reward_last']['spread']:.3f}, entropy "
-                     f"{f['entropy_last']['mean']:.4f}; vs {c['baseline']}: "
-                     + ("; ".join(differs) if differs else ("no difference beyond noise" if c["vs_baseline"]
-                                                           else "baseline")))
+                   for k, v in vs.items() if v["verdict"] in ("higher", "lower")]
+        if not vs:
+            tail = "baseline"
+        elif differs:
+            tail = "; ".join(differs)
+        elif any(v["verdict"] == "unknown" for v in vs.values()):
+            tail = "noise unknown (one round: no spread to compare with)"
+        else:
+            tail = "no difference beyond noise"
+        lines.append(f"staleness: {c['cell']}: held-out {_pm(f['heldout_after'])}, reward {_pm(f['reward_last'])}, "
+                     f"entropy {f['entropy_last']['mean']:.4f}; vs {c['baseline']}: {tail}")
     return lines
+
+
+def _pm(stat: dict) -> str:
+    """mean (min–max over rounds)."""
+    vals = [v for v in stat["values"] if v is not None and v == v]
+    return f"{stat['mean']:.3f}" + (f" ({min(vals):.3f}–{max(vals):.3f})" if len(vals) > 1 else "")
