@@ -1,8 +1,9 @@
 """Replay buffer, admission control and staleness accounting (learner rank 0).
 
-Versions: the learner's ``version`` is the number of optimizer steps applied; every token
-carries the version of the weights that sampled it. A group's staleness when the learner
-consumes it at ``version`` is ``version − (oldest token version in the group)``.
+Versions: the learner's ``version`` is the number of training steps (rollout batches) applied,
+however many optimizer steps each made; every token carries the version of the weights that
+sampled it. A group's staleness when the learner consumes it at ``version`` is
+``version − (oldest token version in the group)``.
 
 Admission (AReaL-style, cumulative over stages so a change of prompts_per_step is exact):
 a new prompt may be leased at ``version`` only while

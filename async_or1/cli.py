@@ -88,7 +88,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--config", "-c", default="configs/cpu-tiny.yaml")
     t.add_argument("--modes", default="on-policy,async", help="comma list of on-policy, async")
     t.add_argument("--max-staleness", default="1,2,4", help="comma list of η values for the async mode")
-    t.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
+    t.add_argument("--steps", type=int, default=20, help="training steps per run")
     t.add_argument("--repeats", type=int, default=1, help="interleaved rounds over all modes")
     t.add_argument("--reward-threshold", type=float, default=None,
                    help="sampled reward to time each mode to (default: 75%% of the way from the runs' start "

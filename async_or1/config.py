@@ -82,7 +82,7 @@ class DataConfig:
 class EntropyConfig:
     enabled: bool = _f(True, "Adaptive entropy control (paper section 3.2.5). Off means entropy_coef = coef_init.")
     target: float = _f(0.2, "Target entropy tgt (nats per token).")
-    delta: float = _f(0.005, "Coefficient step Δ per optimizer step (paper 0.005; released scripts 1e-4).")
+    delta: float = _f(0.005, "Coefficient step Δ per training step (paper 0.005; released scripts 1e-4).")
     coef_init: float = _f(0.0, "Initial coefficient c.")
     coef_min: float = _f(0.0, "Lower clip of c.")
     coef_max: float = _f(1.0e9, "Upper clip of c (released scripts: 5e-3).")
@@ -362,7 +362,7 @@ class Config:
         return Path(self.output_dir) / self.name
 
     def stage_at(self, step: int) -> tuple[int, StageConfig]:
-        """(stage index, stage) that optimizer step ``step`` (0-based) belongs to."""
+        """(stage index, stage) that training step ``step`` (0-based) belongs to."""
         start = 0
         for i, st in enumerate(self.stages):
             if step < start + st.steps:

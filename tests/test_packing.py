@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from async_or1.learner.packing import collate, oversize, pack_micro_batches, shard_for_ranks, with_old_logprobs
+from async_or1.learner.packing import collate, oversize, pack_micro_batches, shard_for_ranks
 
 
 def _cost(lengths, mb):
@@ -84,15 +84,3 @@ def test_collate_rejects_bad_rows():
     assert collate([], [], [], []).size == 0
 
 
-def test_with_old_logprobs_round_trip_and_errors():
-    mbs = [collate([[1, 2], [3]], [[4], [5, 6]], [1.0, 1.0], [[0.0], [0.0, 0.0]]), collate([], [], [], []),
-           collate([[7]], [[8, 9, 10]], [1.0], [[0.0] * 3])]
-    logps = [torch.tensor([-1.0]), torch.tensor([-2.0, -3.0]), torch.tensor([-4.0, -5.0, -6.0])]
-    out = with_old_logprobs(mbs, logps)
-    got = [t for mb in out if mb.size for t in mb.per_sample(mb.old_logprobs)]
-    assert [t.tolist() for t in got] == [t.tolist() for t in logps]
-    assert out[0].old_logprobs[0].tolist() == [0.0, -1.0, 0.0]  # position 1 predicts the response token
-    with pytest.raises(ValueError, match="row 1 .* 2 response tokens, got 1"):
-        with_old_logprobs(mbs[:1], [torch.tensor([-1.0]), torch.tensor([-2.0])])
-    with pytest.raises(ValueError, match="more log-prob rows"):
-        with_old_logprobs(mbs[:1], logps)

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Sequence
 
 
 def stage_at(stages: Sequence[Any], step: int) -> tuple[int, Any]:
-    """(stage index, stage) of optimizer step ``step`` (0-based); past the end, the last stage."""
+    """(stage index, stage) of training step ``step`` (0-based); past the end, the last stage."""
     if not stages:
         raise ValueError("the schedule has no stages")
     start = 0
@@ -97,7 +97,7 @@ class PromptSource:
                 return uid
 
     def next_prompts(self, n: int, step: int) -> list[Any]:
-        """The next ``n`` problems for a lease at optimizer step ``step`` (crossing into a new
+        """The next ``n`` problems for a lease at training step ``step`` (crossing into a new
         stage runs its boundary filter first)."""
         idx, _ = self.stage_at(step)
         while self.stage < idx:

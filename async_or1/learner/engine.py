@@ -195,12 +195,6 @@ class LearnerEngine:
             out.append((lp, en))
         return out
 
-    def compute_logprobs(self, micro_batches: list[MicroBatch]) -> list[torch.Tensor]:
-        """Per-sample log-probs (float32 [R_b], CPU) under the current weights, in micro-batch then
-        row order (``score`` cut per response). Collective under ZeRO-3."""
-        return [t.clone() for mb, sc in zip(micro_batches, self.score(micro_batches)) if sc is not None
-                for t in mb.per_sample(sc[0])]
-
     def train_step(self, micro_batches: list[MicroBatch], *, num_tokens_global: int, entropy_coef: float = 0.0,
                    clip_low: float | None = None, clip_high: float | None = None, correction: str | None = None,
                    kl_coef: float | None = None, m2po_cut: float | None = None) -> dict:
@@ -250,7 +244,8 @@ class LearnerEngine:
                     behav_acc += diag[0]
                     behav_max = torch.maximum(behav_max, diag[1])
                 if kl_coef and mb.ref_logprobs is None:
-                    raise ValueError("LearnerEngine.train_step: kl_coef > 0 needs mb.ref_logprobs (score(reference=True))")
+                    raise ValueError("LearnerEngine.train_step: kl_coef > 0 needs mb.ref_logprobs "
+                                     "(score(reference=True))")
                 ref = mb.ref_logprobs.to(dev)[sel].float()[None] if kl_coef else None
                 loss, st = policy_loss(logp.float()[None], old[None], adv[None], torch.ones_like(adv)[None],
                                        clip_low=clip_low, clip_high=clip_high, clip=clip,

@@ -109,30 +109,6 @@ class MicroBatch:
                                                                             self.response_lengths))]
 
 
-def with_old_logprobs(micro_batches: list[MicroBatch], logprobs: list) -> list[MicroBatch]:
-    """Attach per-sample proximal log-probs (``LearnerEngine.compute_logprobs`` output: [R_b] per
-    row, micro-batch then row order) as ``old_logprobs``; returns new MicroBatch objects."""
-    import dataclasses
-
-    it = iter(logprobs)
-    out = []
-    for mb in micro_batches:
-        if mb.size == 0:
-            out.append(mb)
-            continue
-        old = torch.zeros_like(mb.behavior_logprobs)  # [B, L]
-        for b, (p, r) in enumerate(zip(mb.prompt_lengths, mb.response_lengths)):
-            v = next(it, None)
-            if v is None or len(v) != r:
-                raise ValueError(f"packing.with_old_logprobs: row {b} of a micro-batch has {r} response tokens, "
-                                 f"got {None if v is None else len(v)} log-probs")
-            old[b, p - 1:p - 1 + r] = torch.as_tensor(v, dtype=torch.float32)
-        out.append(dataclasses.replace(mb, old_logprobs=old))
-    if next(it, None) is not None:
-        raise ValueError("packing.with_old_logprobs: more log-prob rows than micro-batch rows")
-    return out
-
-
 def empty_micro_batch() -> MicroBatch:
     """A padding micro-batch (zero rows): the engine still runs a dummy pass for it."""
     z = torch.zeros(0, 1)

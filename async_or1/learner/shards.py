@@ -1,6 +1,6 @@
-"""Rank 0 cuts a step's sequences into per-rank shards of micro-batches; each rank collates its own.
+"""Each rank collates its own shard of micro-batches (rank 0's plan: learner/update.py).
 
-Shards travel as plain TrainSequence objects (numpy inside) in one broadcast_object_list; the
+Sequences travel as plain TrainSequence objects (numpy inside) in one broadcast_object_list; the
 padded tensors are built on the rank that uses them."""
 
 from __future__ import annotations
@@ -8,15 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 from async_or1.learner.batch import TrainSequence
-
-
-def make_shards(seqs: list[TrainSequence], world_size: int, token_budget: int) -> list[list[list[TrainSequence]]]:
-    """[rank][micro-batch][sequence]; every rank gets the same number of micro-batches (see
-    packing.shard_for_ranks for why), responses are never split."""
-    from async_or1.learner.packing import shard_for_ranks
-
-    idx = shard_for_ranks([s.length for s in seqs], world_size, token_budget)
-    return [[[seqs[i] for i in mb] for mb in rank] for rank in idx]
 
 
 def to_micro_batches(shard: list[list[TrainSequence]], pad_id: int = 0) -> list[Any]:
