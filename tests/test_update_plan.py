@@ -66,3 +66,11 @@ def test_summarize_update_by_hand():
     assert out["kl_ref"] == 0.025 and out["grad_norm"] == 2.0 and out["grad_norm_max"] == 3.0
     assert out["loss"] == pytest.approx(-0.3) and out["is_ess"] == 1.0
     assert "kl_ref" not in summarize_update(steps, pre)
+
+
+def test_summary_of_a_step_without_tokens_still_has_every_diagnostic():
+    # every response masked as truncated: no behaviour sums anywhere, the row must still be complete
+    empty = {"token_count": 0, "entropy_sum": 0.0, "ratio_sum": 0.0, "clip_low_count": 0, "clip_high_count": 0,
+             "loss": 0.0, "kl_sum": 0.0, "grad_norm": 0.0}
+    out = summarize_update([empty], None)
+    assert out["is_masked_frac"] == 0.0 and out["is_ess"] == 1.0 and out["entropy"] == 0.0

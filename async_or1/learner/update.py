@@ -159,6 +159,7 @@ def summarize_update(steps: list[dict], pre: dict | None, kl: bool = False) -> d
     the proximal pass: entropy and behaviour diagnostics of π_prox over the rollout batch, clip
     fractions and ratio over every token-update, KL to the reference, the mean and largest grad norm."""
     from async_or1.algo import summarize_behaviour
+    from async_or1.algo.corrections import DIAG_SUMS
 
     tokens = sum(s["token_count"] for s in steps)
     n = max(tokens, 1)
@@ -177,6 +178,6 @@ def summarize_update(steps: list[dict], pre: dict | None, kl: bool = False) -> d
            "ratio_mean": sum(s["ratio_sum"] for s in steps) / n, "token_updates": tokens}
     if kl:
         out["kl_ref"] = sum(s["kl_sum"] for s in steps) / n
-    if behaviour is not None:
-        out.update(summarize_behaviour(*behaviour))
+    # No behaviour sums only when the step had no response token at all (every one masked as truncated).
+    out.update(summarize_behaviour(*(behaviour or ([0.0] * len(DIAG_SUMS), 0.0))))
     return out
