@@ -55,15 +55,25 @@ def p90(values: list) -> float:
     return float(v[max(math.ceil(0.9 * len(v)) - 1, 0)])
 
 
+def length_stats(lengths: list) -> tuple[float, float]:
+    """(mean, nearest-rank p90) of response lengths; NaN for none. The one definition of the length
+    mix that the metrics (group_mix) and the simulator's length-bias report share."""
+    if not len(lengths):
+        return float("nan"), float("nan")
+    return float(sum(lengths)) / len(lengths), p90(list(lengths))
+
+
 def group_mix(groups: list, prefix: str) -> dict[str, float]:
     """Response length (tokens: mean and p90 over samples) and mean reward of ``groups``, as
-    ``{prefix}_len_mean``, ``{prefix}_len_p90``, ``{prefix}_reward_mean`` (NaN when empty): what a
-    drop policy does to the data shows as the trained mix drifting from the generated one."""
-    lengths = [len(s.tokens) for g in groups for s in g.samples]
+    ``{prefix}_len_mean``, ``{prefix}_len_p90``, ``{prefix}_reward_mean`` (None when there are
+    none: "no such group this step", and equal to itself): what a drop policy does to the data shows
+    as the trained mix drifting from the generated one."""
     rewards = [float(s.reward) for g in groups for s in g.samples]
-    nan = float("nan")
-    return {f"{prefix}_len_mean": sum(lengths) / len(lengths) if lengths else nan, f"{prefix}_len_p90": p90(lengths),
-            f"{prefix}_reward_mean": sum(rewards) / len(rewards) if rewards else nan}
+    if not rewards:
+        return {f"{prefix}_len_mean": None, f"{prefix}_len_p90": None, f"{prefix}_reward_mean": None}
+    mean, top = length_stats([len(s.tokens) for g in groups for s in g.samples])
+    return {f"{prefix}_len_mean": mean, f"{prefix}_len_p90": top,
+            f"{prefix}_reward_mean": sum(rewards) / len(rewards)}
 
 
 def _hist(values: list[int]) -> list[int]:

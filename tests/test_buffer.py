@@ -369,4 +369,4 @@ def test_step_metrics_report_the_mix_of_generated_stale_and_rejected_groups():
     assert m["dropped_stale_len_mean"] == 12 and m["dropped_stale_reward_mean"] == 0.5
     assert m["rejected_zero_adv_len_mean"] == 4 and m["rejected_zero_adv_reward_mean"] == 1.0
     m = buf.step_metrics(2)  # the mix covers the time since the previous call
-    assert np.isnan(m["generated_len_mean"]) and np.isnan(m["dropped_stale_len_p90"])
+    assert m["generated_len_mean"] is None and m["dropped_stale_len_p90"] is None

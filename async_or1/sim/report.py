@@ -17,10 +17,13 @@ import numpy as np
 
 
 def _lengths(groups: list[dict]) -> dict:
-    x = np.asarray([n for g in groups for n in g["lengths"]], dtype=np.float64)
-    if not len(x):
+    from async_or1.buffer import length_stats
+
+    x = [n for g in groups for n in g["lengths"]]
+    if not x:
         return {"responses": 0, "mean": None, "p90": None}
-    return {"responses": int(len(x)), "mean": round(float(x.mean()), 1), "p90": round(float(np.percentile(x, 90)), 1)}
+    mean, p90 = length_stats(x)
+    return {"responses": len(x), "mean": round(mean, 1), "p90": round(p90, 1)}
 
 
 def _add_hist(total: list[int], h: list[int]) -> list[int]:
