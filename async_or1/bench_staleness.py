@@ -30,6 +30,7 @@ CURVE_KEYS = ("reward_mean_sampled", "entropy", "is_ess", "abs_log_ratio_mean", 
 FINAL_KEYS = ("reward_last", "entropy_last", "heldout_after", "staleness_mean", "is_ess_mean",
               "kl_behav_learner_mean", "clip_frac_mean", "is_masked_frac_mean")
 ABLATION = ((1, 1), (4, 1), (1, 2))
+ROUNDING = 1e-6  # differences this small are float rounding, never reported as an effect
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,9 @@ def run_summary(rows: list[dict], heldout_before: float = float("nan")) -> dict[
 
 def verdict(cell: list[float], base: list[float]) -> dict[str, Any]:
     """Is ``cell`` different from ``base`` beyond the noise? The noise is the larger spread (max − min)
-    of the two over rounds; a difference within it is 'none'. One round: 'unknown'."""
+    of the two over rounds; a difference within it is 'none'. One round: 'unknown'. A difference of
+    at most ``ROUNDING`` is 'none' too: cells that compute the same numbers through different code
+    (the proximal pass vs the update's own forward) differ in the last bits, which is not an effect."""
     c, b = np.array(cell, dtype=float), np.array(base, dtype=float)
     c, b = c[np.isfinite(c)], b[np.isfinite(b)]
     if not len(c) or not len(b):
@@ -94,7 +97,7 @@ def verdict(cell: list[float], base: list[float]) -> dict[str, Any]:
     if len(c) < 2 or len(b) < 2:
         return {"diff": diff, "noise": None, "verdict": "unknown"}
     noise = float(max(np.ptp(c), np.ptp(b)))
-    return {"diff": diff, "noise": noise, "verdict": "none" if abs(diff) <= noise else
+    return {"diff": diff, "noise": noise, "verdict": "none" if abs(diff) <= max(noise, ROUNDING) else
             ("higher" if diff > 0 else "lower")}
 
 

@@ -41,6 +41,8 @@ def test_verdict_by_hand():
     # diff −0.05 within a spread of 0.2 → none (a difference smaller than the noise is no difference)
     assert verdict([0.35, 0.55], [0.50, 0.50])["verdict"] == "none"
     assert verdict([0.2, 0.2], [0.5, 0.5])["verdict"] == "lower"  # no spread at all: any difference counts
+    # the same numbers through different code (proximal pass vs the update's forward): rounding, not an effect
+    assert verdict([0.99 - 1e-13] * 2, [0.99] * 2)["verdict"] == "none"
     assert verdict([0.6], [0.5])["verdict"] == "unknown"           # one round: the noise is unknown
     assert verdict([float("nan")], [0.5])["verdict"] == "unknown"
 
