@@ -138,6 +138,11 @@ def test_two_generator_processes_and_a_buffer():
         while version < STEPS:
             assert time.monotonic() < deadline, f"stuck at version {version}: {buf.accounting()}"
             pump()
+            # A broadcast reaches the peers the endpoint has heard from; a generator still importing
+            # (a loaded machine) would miss version 1 and the version-stamp check below would blame
+            # the transport. A real generator that joins late takes the newest weights instead.
+            if len(learner.peers) < 2:
+                continue
             batch = buf.take_batch(version, BATCH, timeout_s=0)
             if batch is not None:
                 assert len(batch) == BATCH
