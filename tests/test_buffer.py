@@ -202,21 +202,38 @@ def test_sampled_reward_counts_rejected_groups_too():
 
 
 def test_malformed_groups():
-    buf = ReplayBuffer(1, const(8), samples_per_prompt_at=lambda v: 2)
-    lease(buf, ["three", "empty", "nan", "blank", "neg", "ok"], 0)
+    buf = ReplayBuffer(1, const(8), vocab_size=100, max_prompt_tokens=4)
+    ids = ["three", "empty", "nan", "blank", "neg", "ok", "one-empty", "aborted", "long", "vocab", "lp", "bigprompt"]
+    buf.on_leased(ids, 0, samples_per_prompt=2, max_response_tokens=5)
     assert buf.add_group(group("three", rewards=(0.0, 1.0, 1.0))) == "malformed"   # G is 2
     g = group("empty")
     g.samples = []
     assert buf.add_group(g) == "malformed"
     assert buf.add_group(group("nan", rewards=(float("nan"), 1.0))) == "malformed"
-    assert buf.add_group(group("blank", n_tokens=0)) == "malformed"
+    assert buf.add_group(group("blank", n_tokens=0)) == "empty_response"
     assert buf.add_group(group("neg", versions=(-1, 0))) == "malformed"
+    # One empty response among good ones: the learner's collate would refuse the row.
+    assert buf.add_group(group("one-empty", versions=([0, 0], []))) == "empty_response"
+    g = group("aborted")
+    g.samples[1].finish_reason = "aborted"
+    assert buf.add_group(g) == "malformed"
+    assert buf.add_group(group("long", n_tokens=6)) == "malformed"                  # over max_response_tokens
+    g = group("vocab")
+    g.samples[0].tokens = np.array([1, 100, 2], dtype=np.int32)
+    assert buf.add_group(g) == "malformed"                                          # id 100 outside the vocab
+    g = group("lp")
+    g.samples[0].logprobs = np.array([0.0, -np.inf, -1.0], dtype=np.float32)
+    assert buf.add_group(g) == "malformed"
+    g = group("bigprompt")
+    g.prompt_tokens = np.arange(5, dtype=np.int32)
+    assert buf.add_group(g) == "malformed"                                          # over max_prompt_tokens
     assert buf.add_group(group("ok")) == "accepted"
     assert buf.add_group(group("ok")) == "malformed"         # duplicate delivery
     assert buf.add_group(group("never-leased")) == "malformed"
     acc = buf.accounting()
-    assert acc["dropped"] == {"malformed": 5}
-    assert acc["unleased_groups"] == 2 and acc["received"] == 8 and acc["queued"] == 1
+    assert acc["dropped"] == {"malformed": 9, "empty_response": 2}
+    assert acc["unleased_groups"] == 2 and acc["received"] == 14 and acc["queued"] == 1
+    assert buf.step_metrics(0)["dropped_empty_response"] == 2
     buf.check_accounting()
 
 
@@ -299,7 +316,7 @@ def test_random_walk_keeps_the_ledger_and_the_limit():
         rng = random.Random(seed)
         eta, b = rng.choice([0, 1, 2]), rng.choice([2, 4])
         pps = (lambda s, b=b: b if s < 5 else 2 * b)
-        buf = ReplayBuffer(eta, pps, samples_per_prompt_at=lambda v: 2)
+        buf = ReplayBuffer(eta, pps)
         version, next_id, running = 0, 0, {}
         for _ in range(400):
             op = rng.random()
@@ -308,7 +325,7 @@ def test_random_walk_keeps_the_ledger_and_the_limit():
                 ids = [f"p{next_id + i}" for i in range(n)]
                 next_id += n
                 if ids:
-                    buf.on_leased(ids, version)
+                    buf.on_leased(ids, version, samples_per_prompt=2)
                     running.update({p: version for p in ids})
             elif op < 0.65 and running:
                 pid = rng.choice(sorted(running))

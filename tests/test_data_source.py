@@ -68,15 +68,17 @@ def test_online_filter_at_stage_boundary():
     assert src.stage == 1
     assert src.dropped == {"p0", "p1", "p4"} and src.counts["online_filtered_stage1"] == 3
     assert got == ["p2", "p3", "p5", "p2"]
-    # a late 8/8 group of stage 0 arriving in stage 1 is applied on arrival
+    # the filter judged the stage when it started: a stage-0 result recorded later drops nothing (the
+    # controller never lets one arrive late; test_stage_schedules)
     src.record_result("p2", stage=0, n_correct=8, n=8)
-    assert "p2" in src.dropped and src.counts["online_filtered"] == 4
+    assert "p2" not in src.dropped and src.counts["online_filtered"] == 3
     # an 8/8 in the current stage waits for the next boundary
+    src.record_result("p2", stage=1, n_correct=8, n=8)
     src.record_result("p3", stage=1, n_correct=8, n=8)
     assert "p3" not in src.dropped
     assert src.on_stage_start(1) == 0              # idempotent
-    # p3 solved in stage 1 would leave only p5: allowed; the pool must not empty
-    assert src.on_stage_start(2) == 1 and src.dropped == {"p0", "p1", "p2", "p3", "p4"}
+    # p2, p3 solved in stage 1 would leave only p5: allowed; the pool must not empty
+    assert src.on_stage_start(2) == 2 and src.dropped == {"p0", "p1", "p2", "p3", "p4"}
     assert uids(src.next_prompts(3, step=5)) == ["p5", "p5", "p5"]
 
 

@@ -94,7 +94,7 @@ def test_two_generator_processes_and_a_buffer():
     from async_or1.transport.zmq import ZmqLearnerEndpoint
 
     learner = ZmqLearnerEndpoint()
-    buf = ReplayBuffer(ETA, lambda s: BATCH, samples_per_prompt_at=lambda v: SAMPLES)
+    buf = ReplayBuffer(ETA, lambda s: BATCH)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     procs = [subprocess.Popen([sys.executable, __file__, learner.address, str(gid)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for gid in (0, 1)]
@@ -127,7 +127,7 @@ def test_two_generator_processes_and_a_buffer():
                     continue
                 ids = [f"q{next_id + i}" for i in range(n)]
                 next_id += n
-                buf.on_leased(ids, version)
+                buf.on_leased(ids, version, samples_per_prompt=SAMPLES)
                 lease_version.update({p: version for p in ids})
                 prompts = [m.Prompt(prompt_id=p, token_ids=np.arange(3, dtype=np.int32), ability="math",
                                     ground_truth=["1"], stage=0, samples_per_prompt=SAMPLES, max_response_tokens=TOKENS)

@@ -10,10 +10,10 @@ front of the line, ahead of the epoch order, in the order they were returned.
 
 Online filter (paper section 3.1): at the start of stage s, drop the prompts the policy
 solved N/N in stage s − 1. The evidence is each prompt's latest group from stage s − 1
-(a prompt seen twice in a stage is judged on the policy as it was most recently). A
-stage s − 1 group that arrives after the boundary (asynchrony) is applied when it
-arrives. The filter never empties the pool: if every remaining prompt would go, none
-does, and that is counted.
+(a prompt seen twice in a stage is judged on the policy as it was most recently). The
+controller enters stage s only once every stage s − 1 group is back, so the filter sees
+exactly that stage's results. The filter never empties the pool: if every remaining
+prompt would go, none does, and that is counted.
 """
 
 from __future__ import annotations
@@ -132,11 +132,6 @@ class PromptSource:
         prev = self.last_result.get(uid)
         if prev is None or stage >= prev[0]:
             self.last_result[uid] = (stage, n_correct, n)
-        if (self.online_filter and stage == self.stage - 1 and n > 0 and n_correct == n
-                and uid not in self.dropped and self.live > 1):
-            self.dropped.add(uid)                         # a late group of the previous stage
-            self.counts[f"online_filtered_stage{self.stage}"] += 1
-            self.counts["online_filtered"] += 1
 
     def on_stage_start(self, stage: int) -> int:
         """Enter ``stage`` (idempotent); drop the previous stage's N/N prompts. Returns how many."""

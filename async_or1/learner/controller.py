@@ -1,8 +1,16 @@
 """The rollout controller: learner rank 0's side of the wire, on its own thread.
 
-It answers prompt-lease requests under admission control, files arriving groups into the
-replay buffer, re-issues the prompts of returned leases and of generators that died, and
-relays messages (weight announcements, shutdown) that the training thread posts.
+It answers prompt-lease requests — evaluation prompts first (an ``EvalBook``), then training
+prompts under admission control —, files arriving groups into the replay buffer (or the eval
+book), re-issues the prompts of returned leases and of generators that died, and relays
+messages (weight announcements, shutdown) that the training thread posts. Without a buffer
+and a source it serves evaluations only (``async-or1 eval`` and the difficulty filter on the
+generator pool, launch_pool.py).
+
+A training lease takes the stage, sampling settings and ``min_version`` of the step its prompts
+will be trained in (the buffer's slots: ``ReplayBuffer.lease_slots``). The first lease of a new
+stage runs the source's online filter, and with the filter on it waits until every group of
+the previous stage has arrived, so the filter sees exactly that stage's results.
 
 Why a thread: generators must get leases and deliver groups while the learner computes the
 loss, or asynchrony buys nothing. ZeroMQ sockets are not thread-safe, so this thread alone
@@ -33,8 +41,9 @@ def uid_of_prompt_id(pid: str) -> str:
 
 
 class Controller:
-    def __init__(self, *, endpoint: Any, buffer: Any, source: Any, encode_prompt: Callable[[Any], list],
-                 stage_at: Callable[[int], tuple], num_generators: int, prompts_per_step_at: Callable[[int], int],
+    def __init__(self, *, endpoint: Any, num_generators: int, buffer: Any = None, source: Any = None,
+                 encode_prompt: Callable[[Any], list] | None = None, stage_at: Callable[[int], tuple] | None = None,
+                 prompts_per_step_at: Callable[[int], int] | None = None, evals: Any = None,
                  generator_timeout_s: float = 60.0, clock: Any = time) -> None:
         self.endpoint, self.buffer, self.source = endpoint, buffer, source
         self.clock = clock                    # monotonic() and sleep(); the simulator passes a virtual clock
@@ -42,6 +51,7 @@ class Controller:
         self.stage_at = stage_at
         self.num_generators = num_generators
         self.prompts_per_step_at = prompts_per_step_at
+        self.evals = evals                    # EvalBook or None
         self.generator_timeout_s = generator_timeout_s
         self.lock = threading.Lock()          # guards source, leases, generator table, version
         self._outbox: queue.Queue = queue.Queue()
@@ -68,6 +78,7 @@ class Controller:
         self._idle_mark: dict[int, tuple[float, float]] = {}
         self.received_fingerprints: dict[int, dict[int, str]] = {}  # generator_id -> {version: sha1}
         self._lease_sizes: list[int] = []     # prompts per lease granted since take_lease_sizes()
+        self.stage_starts: dict[int, int] = {}  # stage -> prompts its online filter dropped, as leasing entered it
         self.error: BaseException | None = None
 
     # ---- called from the training thread -----------------------------------------------
@@ -136,9 +147,40 @@ class Controller:
             out, self._lease_sizes = self._lease_sizes, []
         return out
 
-    def on_stage_start(self, stage: int) -> dict:
+    def request_eval(self, label: str, step: int, min_version: int) -> None:
+        """Evaluate the weights of at least ``min_version`` on the held-out problems (eval leases)."""
         with self.lock:
-            return self.source.on_stage_start(stage) or {}
+            self.evals.request(label, step, min_version)
+
+    def take_finished_evals(self) -> list:
+        """(label, step, EvalResult) of every evaluation finished since the previous call."""
+        with self.lock:
+            return self.evals.take_finished() if self.evals is not None else []
+
+    def evals_unfinished(self) -> tuple[int, int, int]:
+        """(evaluations unfinished, problems back, problems asked)."""
+        with self.lock:
+            if self.evals is None:
+                return 0, 0, 0
+            return (self.evals.unfinished, *self.evals.progress())
+
+    def wait_for_evals(self, idle_timeout_s: float, on_progress: Callable[[int, int], None] | None = None) -> None:
+        """Block until every requested evaluation has finished; fail if no group comes back for
+        ``idle_timeout_s`` (a stuck pool) or the controller thread died."""
+        last, since = None, self.clock.monotonic()
+        while True:
+            self._check()
+            n, done, total = self.evals_unfinished()
+            if n == 0:
+                return
+            if done != last:
+                last, since = done, self.clock.monotonic()
+                if on_progress is not None:
+                    on_progress(done, total)
+            elif self.clock.monotonic() - since > idle_timeout_s:
+                raise TimeoutError(f"evaluation stalled: {done}/{total} problems back and none for "
+                                   f"{idle_timeout_s:.0f} s (generators alive: {sorted(self.alive_generators())})")
+            self.clock.sleep(0.05)
 
     def finish(self) -> None:
         """The schedule is over: answer every waiting request with done and tell everyone to stop."""
@@ -292,34 +334,54 @@ class Controller:
                 lost += list(lease["prompt_ids"])
                 del self.leases[lease_id]
         if lost:
-            self.buffer.on_lost(lost)
-            self.source.reissue([self.uid_of.pop(p) for p in lost])
+            self._give_back(lost, self.buffer.on_lost if self.buffer is not None else None)
             self.reissued_lost += len(lost)
+
+    def _give_back(self, prompt_ids: list, release: Callable[[list], None] | None) -> None:
+        """Caller holds the lock. Prompts no generator will sample: evaluation prompts go back to
+        their book, training prompts are released in the buffer and re-issued by the source."""
+        evals = [p for p in prompt_ids if self.evals is not None and self.evals.owns(p)]
+        if evals:
+            self.evals.reissue(evals)
+        train = [p for p in prompt_ids if p in self.uid_of]
+        if train:
+            release(train)
+            self.source.reissue([self.uid_of.pop(p) for p in train])
 
     def _reclaim(self, prompt_ids: list, returned: bool) -> None:
         with self.lock:
-            ids = [p for p in prompt_ids if p in self.uid_of]
-            for lease in self.leases.values():
-                lease["prompt_ids"].difference_update(ids)
-            if ids:
-                self.buffer.on_returned(ids)
-                self.source.reissue([self.uid_of.pop(p) for p in ids])
+            held: set = set()
+            for lease_id, lease in list(self.leases.items()):
+                held |= lease["prompt_ids"].intersection(prompt_ids)
+                lease["prompt_ids"].difference_update(prompt_ids)
+                if not lease["prompt_ids"]:
+                    del self.leases[lease_id]
+            # Only what a live lease held: a prompt returned twice is re-issued once.
+            self._give_back([p for p in prompt_ids if p in held or p in self.uid_of],
+                            self.buffer.on_returned if self.buffer is not None else None)
 
     def _on_group(self, group: Any) -> None:
-        verdict = self.buffer.add_group(group)
         with self.lock:
-            uid = self.uid_of.pop(group.prompt_id, None)
             lease = self.leases.get(group.lease_id)
             if lease is not None:
                 lease["prompt_ids"].discard(group.prompt_id)
                 if not lease["prompt_ids"]:
                     del self.leases[group.lease_id]
-            if uid is not None and verdict != "malformed":
+            if self.evals is not None and self.evals.issued(group.prompt_id):
+                self.evals.add_group(group)
+                return
+        if self.buffer is None:
+            log.warning("controller: group %r is no evaluation's: ignored", group.prompt_id)
+            return
+        verdict = self.buffer.add_group(group)
+        with self.lock:
+            uid = self.uid_of.pop(group.prompt_id, None)
+            if uid is not None and verdict not in ("malformed", "empty_response"):
                 correct = sum(1 for s in group.samples if s.reward > 0.5)
                 # The online filter needs every solve rate, rejected N/N groups included.
                 self.source.record_result(uid, group.stage, correct, len(group.samples))
-        if verdict == "malformed":
-            log.warning("controller: malformed group %s from generator %d", group.prompt_id, group.generator_id)
+        if verdict in ("malformed", "empty_response"):
+            log.warning("controller: %s group %s from generator %d", verdict, group.prompt_id, group.generator_id)
 
     def _grant_leases(self) -> None:
         from async_or1.transport import messages as m
@@ -333,48 +395,76 @@ class Controller:
                                                            incarnation=req.incarnation))
                     del self.pending[peer]
                     continue
-                if not self.leasing_open:
-                    return
-                room = self.buffer.admission_room(self.version)
-                n = min(room, int(req.max_prompts))
-                if n <= 0:
-                    return  # stays pending; answered as soon as a step frees room
-                stage_idx, stage = self.stage_at(self.version)
-                problems = self.source.next_prompts(n, self.version)
-                if not problems:
-                    return
-                lease_id = next(self._lease_ids)
-                prompts = []
-                for i, pr in enumerate(problems):
-                    pid = prompt_id(pr.uid, lease_id, i)
-                    self.uid_of[pid] = pr.uid
-                    prompts.append(m.Prompt(prompt_id=pid, token_ids=self._tokens(pr), ability=pr.ability,
-                                            ground_truth=pr.ground_truth, stage=stage_idx,
-                                            samples_per_prompt=stage.samples_per_prompt,
-                                            max_response_tokens=stage.max_response_tokens))
-                # The prompts queue behind every group accepted or running (FIFO), so they are
-                # trained at the step whose share of the batches holds their positions, or earlier
-                # if groups ahead are rejected: weights older than that step − η would make them
-                # stale on arrival. Aiming at `version` instead let a lease granted while a full
-                # batch waits start on weights it is dropped for a step later (η = 1 with equal
-                # generation and training time lost half its batches; tests/test_sim.py). Room
-                # opens when the learner bumps its version, before that version's broadcast is out:
-                # without the broadcast term an on-policy lease granted in that gap would start on
-                # the previous weights. The need is at most `version` (admission keeps positions
-                # below Σ_{s <= version+η} batch sizes), so the broadcast in progress meets it.
-                eta = self.buffer.max_staleness
-                ahead = self.buffer.prompts_before(self.version + eta + 1) - room   # accepted + running
-                step = self.version
-                while self.buffer.prompts_before(step + 1) < ahead + len(prompts):
-                    step += 1
-                self.buffer.on_leased([p.prompt_id for p in prompts], self.version)
+                planned = self._plan_eval(req) or (self._plan_train(req) if self.leasing_open else None)
+                if planned is None:
+                    continue  # stays pending; answered as soon as an evaluation or a step frees room
+                lease_id, prompts, need = planned
                 self.leases[lease_id] = {"generator_id": req.generator_id,
                                          "prompt_ids": {p.prompt_id for p in prompts}}
-                need = max(self.broadcast_version, step - eta)
                 self.endpoint.send(peer, m.PromptLease(lease_id=lease_id, prompts=prompts, min_version=need,
                                                        incarnation=req.incarnation))
                 self._lease_sizes.append(len(prompts))
                 del self.pending[peer]
+
+    def _plan_eval(self, req: Any) -> tuple | None:
+        """Caller holds the lock. Evaluation prompts go first: an evaluation is a snapshot of the
+        policy and finishes closest to its version when the pool takes it at once."""
+        got = self.evals.next_lease(int(req.max_prompts)) if self.evals is not None else None
+        if not got:
+            return None
+        need, prompts = got
+        return next(self._lease_ids), prompts, need
+
+    def _plan_train(self, req: Any) -> tuple | None:
+        """Caller holds the lock. Training prompts for the step their slots fall in (buffer.lease_slots),
+        with that step's stage settings and min_version = max(newest broadcast, target − η).
+
+        The newest-broadcast term covers the gap in which the learner has bumped its version (room
+        opened) but that version's broadcast is still going out: a lease there must not start on
+        the previous weights. Always satisfiable: the target is at most version + η, and η >=
+        broadcast_every_steps − 1 (config), so the need is at most the broadcast in progress."""
+        from async_or1.buffer import lease_min_version
+        from async_or1.transport import messages as m
+
+        stage_idx, targets = self.buffer.lease_slots(int(req.max_prompts), self.version)
+        if not targets:
+            return None
+        if not self._enter_stage(stage_idx):
+            return None
+        _, stage = self.stage_at(targets[0])
+        problems = self.source.next_prompts(len(targets), targets[0])
+        if not problems:
+            return None
+        lease_id = next(self._lease_ids)
+        prompts = []
+        for i, pr in enumerate(problems):
+            pid = prompt_id(pr.uid, lease_id, i)
+            self.uid_of[pid] = pr.uid
+            prompts.append(m.Prompt(prompt_id=pid, token_ids=self._tokens(pr), ability=pr.ability,
+                                    ground_truth=pr.ground_truth, stage=stage_idx,
+                                    samples_per_prompt=stage.samples_per_prompt,
+                                    max_response_tokens=stage.max_response_tokens))
+        need = lease_min_version(max(targets), self.buffer.max_staleness, self.broadcast_version)
+        self.buffer.on_leased([p.prompt_id for p in prompts], self.version, stage=stage_idx, min_version=need,
+                              samples_per_prompt=stage.samples_per_prompt,
+                              max_response_tokens=stage.max_response_tokens)
+        return lease_id, prompts, need
+
+    def _enter_stage(self, stage_idx: int) -> bool:
+        """Caller holds the lock. False while leasing must wait at a stage boundary: the online
+        filter judges a stage's prompts on all of its groups, so the next stage's first prompts
+        are chosen only once every group of the previous stage is back."""
+        src = self.source
+        if stage_idx <= getattr(src, "stage", stage_idx):
+            return True
+        if getattr(src, "online_filter", False) and not self.buffer.stage_settled(stage_idx - 1):
+            return False
+        while src.stage < stage_idx:
+            dropped = src.on_stage_start(src.stage + 1)
+            self.stage_starts[src.stage] = int(dropped or 0)
+            log.info("leasing enters stage %d at version %d; online filter dropped %s prompt(s)", src.stage,
+                     self.version, dropped)
+        return True
 
     def _tokens(self, problem: Any) -> Any:
         import numpy as np
