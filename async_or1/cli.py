@@ -58,8 +58,9 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--model-name", default=None, help="key under extra_info.model_difficulty (default: model dir name)")
     f.add_argument("--max-response-tokens", type=int, default=1024)
     f.add_argument("--temperature", type=float, default=1.0)
-    f.add_argument("--workers", type=int, default=2, help="reward worker processes")
-    f.add_argument("--max-batch-size", type=int, default=64)
+    f.add_argument("--config", "-c", default=None, help="config whose generator pool samples (engine, devices, "
+                   "dtype, rewards; default: configs/cpu-tiny.yaml if present)")
+    f.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. generation.devices=[0,1]")
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -71,9 +72,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-response-tokens", type=int, default=1024)
     p.add_argument("--out", default=None, help="output directory for samples.jsonl and summary.json")
-    p.add_argument("--workers", type=int, default=2, help="reward worker processes")
     p.add_argument("--max-problems", type=int, default=0, help="evaluate the first N problems (0: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", "-c", default=None, help="config whose generator pool samples (engine, devices, "
+                   "dtype, rewards; default: configs/cpu-tiny.yaml if present)")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.dtype=bfloat16")
 
 
 def _add_plot(sub: argparse._SubParsersAction) -> None:
@@ -231,19 +234,22 @@ def cmd_reward(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from async_or1.data.filter_cli import main
+    from async_or1.config import load_config
+    from async_or1.launch_pool import filter_main
 
-    return main(model=args.model, data=args.data, n=args.n, out=args.out, model_name=args.model_name,
-                max_response_tokens=args.max_response_tokens, temperature=args.temperature,
-                workers=args.workers, max_batch_size=args.max_batch_size)
+    cfg = load_config(_default_config_path(args.config), args.overrides)
+    return filter_main(cfg, model=args.model, data=args.data, n=args.n, out=args.out, model_name=args.model_name,
+                       max_response_tokens=args.max_response_tokens, temperature=args.temperature)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from async_or1.eval import main
+    from async_or1.config import load_config
+    from async_or1.launch_pool import eval_main
 
-    return main(model=args.model, data=args.data, k=args.k, temperature=args.temperature,
-                max_response_tokens=args.max_response_tokens, out=args.out, workers=args.workers,
-                max_problems=args.max_problems, seed=args.seed)
+    cfg = load_config(_default_config_path(args.config), args.overrides)
+    return eval_main(cfg, model=args.model, data=args.data, k=args.k, temperature=args.temperature,
+                     max_response_tokens=args.max_response_tokens, out=args.out, max_problems=args.max_problems,
+                     seed=args.seed)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -372,6 +378,14 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.cmd](args)
     except ConfigError as e:
         print(f"async-or1: config error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        from async_or1.data.prepare import DataError
+
+        if not isinstance(e, DataError):
+            raise
+        # Found before anything started: nothing to resume, nothing to clean up.
+        print(f"async-or1: data error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("async-or1: interrupted", file=sys.stderr)

@@ -69,7 +69,8 @@ class DataConfig:
     on_bad_row: Literal["error", "skip"] = _f("error", "A row that cannot be used: 'error' stops with the file, "
                                                        "row and field named; 'skip' drops it and counts it.")
     shuffle: bool = _f(True, "Shuffle prompts each epoch (seeded, resumable).")
-    max_prompt_tokens: int = _f(2048, "Prompts longer than this after the chat template are dropped (counted).")
+    max_prompt_tokens: int = _f(2048, "Prompts longer than this after the chat template are dropped when the data "
+                                      "is loaded, before anything starts (counted as prompt_too_long; eval rows too).")
     difficulty_model: str = _f("", "If set, filter on extra_info.model_difficulty[difficulty_model] (correct count "
                                    "out of difficulty_n): keep rows strictly between 0 and difficulty_n.")
     difficulty_n: int = _f(16, "Rollouts per problem behind the stored model_difficulty counts.")
@@ -263,15 +264,16 @@ class LaunchConfig:
 
 @dataclass
 class EvalConfig:
-    every_steps: int = _f(0, "Save a Hugging Face snapshot of the policy every N steps and evaluate it on the "
-                             "held-out rows after training (same k, problems and sampling as before/after), so "
-                             "the run has a held-out curve without slowing training; each snapshot is deleted "
-                             "once evaluated. 0: only before and after.")
+    every_steps: int = _f(0, "Evaluate the policy on the held-out rows every N steps (a multiple of "
+                             "learner.broadcast_every_steps), during the run, through eval leases on the generator "
+                             "pool: the generators sample the problems with the weights they hold (at least that "
+                             "step's; the row records the versions the tokens came from). 0: only before and after.")
     k: int = _f(4, "Samples per problem for avg@k during training-time evaluation.")
     max_problems: int = _f(200, "Held-out problems evaluated (first N).")
     max_response_tokens: int = _f(0, "0 means the last stage's max_response_tokens.")
-    at_start_and_end: bool = _f(True, "Evaluate the initial and the final model on the held-out rows (avg@k, "
-                                      "pass@k), before the generators start and after the learner ends.")
+    at_start_and_end: bool = _f(True, "Evaluate the initial and the final model on the held-out rows (avg@k, pass@k) "
+                                      "on the generator pool: the initial one before any training prompt is leased, "
+                                      "the final one on the last broadcast while the learner saves.")
 
 
 @dataclass
@@ -351,6 +353,10 @@ class Config:
     @property
     def total_steps(self) -> int:
         return sum(s.steps for s in self.stages)
+
+    @property
+    def eval_response_tokens(self) -> int:
+        return self.eval.max_response_tokens or self.stages[-1].max_response_tokens
 
     @property
     def max_staleness(self) -> int:
@@ -590,6 +596,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("launch.backend=ray runs processes on a cluster: it needs transport.kind=zmq")
     if cfg.learner.stop_grace_s < 0:
         raise ConfigError(f"learner.stop_grace_s must be >= 0, got {cfg.learner.stop_grace_s}")
+    if cfg.eval.every_steps < 0 or cfg.eval.every_steps % cfg.learner.broadcast_every_steps:
+        raise ConfigError(f"eval.every_steps={cfg.eval.every_steps} must be 0 or a multiple of "
+                          f"learner.broadcast_every_steps={cfg.learner.broadcast_every_steps} (an evaluation samples "
+                          "broadcast weights)")
     if cfg.max_staleness < cfg.learner.broadcast_every_steps - 1:
         # Generators would hold weights older than the bound allows: every group would be dropped as stale.
         raise ConfigError(f"learner.broadcast_every_steps={cfg.learner.broadcast_every_steps} needs "

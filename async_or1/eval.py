@@ -1,18 +1,33 @@
-"""``async-or1 eval``: avg@k (the paper's primary metric) and the unbiased pass@k estimator.
+"""Evaluation: avg@k (the paper's primary metric), the unbiased pass@k estimator, and the book
+of evaluations in progress on the generator pool.
 
-k samples per problem from the engine, scored by the same verifiers as training. avg@k is the
-mean correctness over all k samples, averaged over problems. pass@k uses the unbiased
-estimator 1 − C(n−c, k)/C(n, k) (n samples, c correct), computed as a stable product — not the
-"any of n correct" fraction the reference code called pass@n.
+k samples per problem, drawn by the generators' engines (SGLang on GPU, the torch engine on the
+generator cores) through *eval leases* and scored by the generators with the same verifiers as
+training: the evaluating model is the one the generators hold, never a copy on the supervisor.
+``EvalBook`` is the ledger of those leases: which prompts of which evaluation are still to
+lease, which came back, and the result once every problem has its k samples. A problem's
+samples are seeded by (seed, problem, sample index), so the same weights give the same samples
+whatever the pool's size or what else it is sampling.
+
+avg@k is the mean correctness over all k samples, averaged over problems. pass@k uses the
+unbiased estimator 1 − C(n−c, k)/C(n, k) (n samples, c correct), computed as a stable product —
+not the "any of n correct" fraction the reference code called pass@n.
 """
 
 from __future__ import annotations
 
+import collections
 import json
+import logging
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
+
+log = logging.getLogger("async_or1.eval")
+
+EVAL_STAGE = -1  # Prompt.stage of an evaluation prompt: it belongs to no training stage
 
 SCORE_CHUNK = 256          # responses per reward_pool.score call (the scoring bar's step)
 
@@ -55,52 +70,13 @@ class EvalResult:
     per_problem: list[dict] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    versions: tuple = ()         # (oldest, newest) policy version among the sampled tokens
 
 
-def evaluate(engine: Any, tokenizer: Any, problems: list, *, k: int, temperature: float, max_response_tokens: int,
-             reward_pool: Any, seed: int = 0, stop_ids: list[int] | None = None) -> EvalResult:
-    """Sample k responses per problem with an already-built engine and score them."""
-    from async_or1.data.filter_cli import _request_seed, response_text
-    from async_or1.data.template import encode_prompt
-    from async_or1.generation.engine import GenRequest, SamplingParams
-    from async_or1.progress import bar
-
-    t0 = time.perf_counter()
-    stop = list(stop_ids if stop_ids is not None else [tokenizer.eos_token_id])
-    reqs = []
-    for p in problems:
-        ids = encode_prompt(tokenizer, p.prompt)
-        for j in range(k):
-            reqs.append(GenRequest(f"{p.uid}/{j}", ids, SamplingParams(
-                temperature=temperature, max_new_tokens=max_response_tokens, stop_token_ids=stop,
-                seed=_request_seed(seed, p.uid, j))))
-    with bar(len(reqs), f"eval: {len(problems)} problems x {k}", unit="sample") as pb:
-        results = engine.generate(reqs, on_result=lambda r: pb.update(1))
-    texts = [response_text(tokenizer, r.tokens, set(stop)) for r in results]
-    items = [(p.ability, texts[i * k + j], p.ground_truth) for i, p in enumerate(problems) for j in range(k)]
-    scores = []
-    with bar(len(items), "eval: scoring", unit="sample") as pb:
-        for at in range(0, len(items), SCORE_CHUNK):   # chunks only to show progress (code tests are slow)
-            scores += reward_pool.score(items[at:at + SCORE_CHUNK])
-            pb.update(len(items[at:at + SCORE_CHUNK]))
-    samples, per_problem, counts = [], [], []
-    for i, p in enumerate(problems):
-        c = 0
-        for j in range(k):
-            r, s = results[i * k + j], scores[i * k + j]
-            c += bool(s.correct)
-            samples.append({"uid": p.uid, "sample": j, "response": texts[i * k + j], "tokens": len(r.tokens),
-                            "finish_reason": r.finish_reason, "correct": bool(s.correct), "reason": s.reason})
-        counts.append(c)
-        per_problem.append({"uid": p.uid, "correct": c, "n": k})
-    avg, pk = aggregate(counts, k)
-    return EvalResult(avg, pk, per_problem, samples, time.perf_counter() - t0)
-
-
-def load_any_problems(paths: list) -> list:
-    from async_or1.data.rows import load_eval_problems
-
-    return load_eval_problems(paths)
+def sample_seed(seed: int, uid: str) -> int:
+    """Seed of a problem's first sample (sample j uses this + j); stable across processes (str
+    hash() is salted per process)."""
+    return (seed * 1_000_003 + zlib.crc32(uid.encode()) * 64) % (2**31 - 1024)
 
 
 def write_outputs(res: EvalResult, out_dir: Path, meta: dict) -> None:
@@ -109,55 +85,150 @@ def write_outputs(res: EvalResult, out_dir: Path, meta: dict) -> None:
         for s in res.samples:
             f.write(json.dumps(s) + "\n")
     summary = {**meta, "avg_at_k": res.avg_at_k, "pass_at_k": {str(k): v for k, v in res.pass_at_k.items()},
-               "problems": len(res.per_problem), "seconds": round(res.seconds, 2), "per_problem": res.per_problem}
+               "problems": len(res.per_problem), "seconds": round(res.seconds, 2),
+               "versions": list(res.versions), "per_problem": res.per_problem}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
 
 
-def evaluate_path(model_path: str, eval_files: list, *, k: int, temperature: float, max_response_tokens: int,
-                  max_problems: int = 0, workers: int = 2, seed: int = 0, require_think: bool = True,
-                  out_dir: Path | None = None, max_batch_size: int = 256) -> EvalResult:
-    """Build the engine and reward pool for ``model_path``, evaluate, write outputs."""
-    from transformers import AutoTokenizer
-
-    from async_or1.data.filter_cli import stop_token_ids
-    from async_or1.generation.torch_engine import TorchEngine
-    from async_or1.rewards.pool import RewardPool
-
-    problems = load_any_problems(eval_files)
-    if max_problems:
-        problems = problems[:max_problems]
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    engine = TorchEngine(model_path, max_batch_size=max_batch_size, seed=seed)
-    try:
-        with RewardPool(workers=workers, require_think=require_think) as pool:
-            res = evaluate(engine, tokenizer, problems, k=k, temperature=temperature,
-                           max_response_tokens=max_response_tokens, reward_pool=pool, seed=seed,
-                           stop_ids=stop_token_ids(tokenizer, model_path))
-    finally:
-        engine.close()
-    if out_dir is not None:
-        write_outputs(res, Path(out_dir), {"model": str(model_path), "data": [str(p) for p in eval_files], "k": k,
-                                           "temperature": temperature, "max_response_tokens": max_response_tokens})
-    return res
+def eval_row(label: str, step: int, k: int, res: EvalResult) -> dict:
+    """The metrics.jsonl row of one evaluation (``"eval": true``)."""
+    return {"eval": True, "label": label, "step": step, "avg_at_k": res.avg_at_k,
+            "pass_at_k": {str(kk): v for kk, v in res.pass_at_k.items()}, "k": k, "problems": len(res.per_problem),
+            "versions": list(res.versions), "seconds": round(res.seconds, 2)}
 
 
-def main(model: str, data: str | None, k: int, temperature: float, max_response_tokens: int, out: str | None,
-         workers: int, max_problems: int, seed: int) -> int:
-    files = [data] if data else []
-    from async_or1.embedded import BUILTIN_MODELS, ensure_builtin
+def summary_line(label: str, step: int, k: int, res: EvalResult) -> str:
+    span = res.versions
+    ver = "" if not span else f" (weights v{span[0]})" if span[0] == span[1] else f" (weights v{span[0]}-v{span[1]})"
+    return (f"eval ({label}, step {step}){ver}: avg@{k} = {res.avg_at_k:.3f}  "
+            + "  ".join(f"pass@{kk} = {v:.3f}" for kk, v in res.pass_at_k.items()))
 
-    if model in BUILTIN_MODELS:
-        paths = ensure_builtin(model)
-        model = str(paths.model)
-        files = files or [str(paths.heldout)]
-    if not files:
-        raise SystemExit(f"eval: --data is required unless --model is one of {', '.join(BUILTIN_MODELS)}")
-    out_dir = Path(out) if out else Path("runs") / "eval" / Path(model).name
-    res = evaluate_path(model, files, k=k, temperature=temperature, max_response_tokens=max_response_tokens,
-                        max_problems=max_problems, workers=workers, seed=seed, out_dir=out_dir)
-    print(f"{len(res.per_problem)} problems × {k} samples in {res.seconds:.1f} s")
-    print(f"avg@{k}: {res.avg_at_k:.4f}")
-    for kk, v in res.pass_at_k.items():
-        print(f"pass@{kk}: {v:.4f}")
-    print(f"samples: {out_dir / 'samples.jsonl'}  summary: {out_dir / 'summary.json'}")
-    return 0
+
+@dataclass
+class _Eval:
+    label: str
+    step: int
+    min_version: int
+    t0: float
+    todo: collections.deque             # prompt ids not leased (re-issued ones first)
+    correct: dict = field(default_factory=dict)   # uid -> correct count, once its group is back
+    samples: dict = field(default_factory=dict)   # uid -> [sample records]
+    versions: list = field(default_factory=list)  # [oldest, newest] token version seen
+
+
+class EvalBook:
+    """Evaluations in progress on the generator pool. Thread-safety is the caller's (the
+    controller calls it under its lock).
+
+    ``request(label, step, min_version)`` queues every problem once; ``next_lease(n)`` hands out
+    up to n wire Prompts of the oldest evaluation with prompts left, with that evaluation's
+    ``min_version``; ``add_group`` files a returned group; ``reissue`` puts returned or lost
+    prompts back in front; ``take_finished`` yields (label, step, EvalResult) once every problem
+    has its k samples. ``decode(tokens) -> str`` fills the responses of samples.jsonl
+    (``keep_samples=False`` keeps counts only: the difficulty filter over a whole data set)."""
+
+    def __init__(self, problems: Sequence[Any], token_ids: dict, *, k: int, max_response_tokens: int, seed: int = 0,
+                 decode: Callable[[Any], str] | None = None, keep_samples: bool = True) -> None:
+        if k < 1:
+            raise ValueError(f"EvalBook: k must be >= 1, got {k}")
+        self.problems = {p.uid: p for p in problems}
+        self.order = [p.uid for p in problems]
+        self.token_ids = token_ids
+        self.k, self.max_response_tokens, self.seed = k, max_response_tokens, seed
+        self.decode, self.keep_samples = decode, keep_samples
+        self._evals: dict[str, _Eval] = {}
+        self._owner: dict[str, tuple[str, str]] = {}   # prompt id -> (label, uid), while not back
+        self._issued: set[str] = set()                  # every evaluation prompt id ever requested
+        self._finished: list = []
+
+    @staticmethod
+    def prompt_id(label: str, uid: str) -> str:
+        return f"eval:{label}:{uid}"
+
+    def request(self, label: str, step: int, min_version: int) -> None:
+        if label in self._evals:
+            raise ValueError(f"EvalBook: evaluation {label!r} requested twice")
+        todo = collections.deque(self.prompt_id(label, u) for u in self.order)
+        for pid, uid in zip(todo, self.order):
+            self._owner[pid] = (label, uid)
+        self._issued.update(todo)
+        self._evals[label] = _Eval(label, step, min_version, time.perf_counter(), todo)
+
+    @property
+    def unfinished(self) -> int:
+        """Evaluations requested and not yet finished."""
+        return len(self._evals)
+
+    def progress(self) -> tuple[int, int]:
+        """(problems back, problems asked) over the unfinished evaluations."""
+        done = sum(len(e.correct) for e in self._evals.values())
+        return done, len(self.order) * len(self._evals)
+
+    def owns(self, prompt_id: str) -> bool:
+        """An evaluation prompt whose group is not back yet."""
+        return prompt_id in self._owner
+
+    def issued(self, prompt_id: str) -> bool:
+        """Any evaluation prompt, back or not (a late duplicate is still not a training group)."""
+        return prompt_id in self._issued
+
+    def next_lease(self, n: int) -> tuple[int, list] | None:
+        """(min_version, up to n Prompts) of the oldest evaluation with prompts to lease, or None."""
+        from async_or1.transport import messages as m
+
+        for ev in self._evals.values():
+            if not ev.todo:
+                continue
+            prompts = []
+            while ev.todo and len(prompts) < n:
+                pid = ev.todo.popleft()
+                uid = self._owner[pid][1]
+                p = self.problems[uid]
+                prompts.append(m.Prompt(prompt_id=pid, token_ids=self.token_ids[uid], ability=p.ability,
+                                        ground_truth=p.ground_truth, stage=EVAL_STAGE, samples_per_prompt=self.k,
+                                        max_response_tokens=self.max_response_tokens,
+                                        sample_seed=sample_seed(self.seed, uid)))
+            return ev.min_version, prompts
+        return None
+
+    def reissue(self, prompt_ids: Sequence[str]) -> None:
+        """Prompts handed back unsampled or held by a lost generator: leased again, first."""
+        for pid in reversed(list(prompt_ids)):
+            label, _ = self._owner[pid]
+            self._evals[label].todo.appendleft(pid)
+
+    def add_group(self, group: Any) -> None:
+        owner = self._owner.get(group.prompt_id)
+        if owner is None:
+            log.warning("eval: group for %r, which is not outstanding (duplicate or late): ignored", group.prompt_id)
+            return
+        label, uid = owner
+        ev = self._evals[label]
+        bad = len(group.samples) != self.k or any(len(s.tokens) == 0 for s in group.samples)
+        if bad:  # a broken group is sampled again rather than scored as wrong
+            log.error("eval %s: group for %s has %d samples (k=%d) or an empty one: sampled again", label, uid,
+                      len(group.samples), self.k)
+            ev.todo.append(group.prompt_id)
+            return
+        del self._owner[group.prompt_id]
+        ev.correct[uid] = sum(bool(s.reward_details.get("correct", s.reward > 0.5)) for s in group.samples)
+        lo = min(int(s.versions.min()) for s in group.samples)
+        hi = max(int(s.versions.max()) for s in group.samples)
+        ev.versions = [min(ev.versions[0], lo), max(ev.versions[1], hi)] if ev.versions else [lo, hi]
+        if self.keep_samples:
+            ev.samples[uid] = [{"uid": uid, "sample": j, "response": self.decode(s.tokens) if self.decode else None,
+                                "tokens": len(s.tokens), "finish_reason": s.finish_reason,
+                                "correct": bool(s.reward_details.get("correct", s.reward > 0.5)),
+                                "reason": s.reward_details.get("reason")} for j, s in enumerate(group.samples)]
+        if len(ev.correct) == len(self.order):
+            del self._evals[label]
+            counts = [ev.correct[u] for u in self.order]
+            avg, pk = aggregate(counts, self.k)
+            res = EvalResult(avg, pk, [{"uid": u, "correct": ev.correct[u], "n": self.k} for u in self.order],
+                             [s for u in self.order for s in ev.samples.get(u, [])],
+                             time.perf_counter() - ev.t0, tuple(ev.versions))
+            self._finished.append((label, ev.step, res))
+
+    def take_finished(self) -> list:
+        out, self._finished = self._finished, []
+        return out

@@ -117,12 +117,18 @@ def test_inprocess_loop_trains_and_broadcasts(tiny, tmp_path):
     run = tmp_path / "inproc"
     summ = _check_run(run, steps=3, generators=1, max_staleness=1)
     assert summ["accounting"]["trained"] == 6
-    # Held-out evals: the initial model, the snapshots of steps 1 and 2, the final model.
+    # Held-out evals on the generator (eval leases): the initial model before any training lease,
+    # the broadcasts of steps 1 and 2 during the run, the final model.
     evals = [r for r in _rows(run) if r.get("eval")]
-    assert [(e["label"], e["step"]) for e in evals] == [("before", 0), ("step_000001", 1), ("step_000002", 2),
-                                                        ("after", 3)]
+    assert sorted((e["label"], e["step"]) for e in evals) == [("after", 3), ("before", 0), ("step_000001", 1),
+                                                              ("step_000002", 2)]
+    by = {e["label"]: e for e in evals}
+    assert by["before"]["versions"] == [0, 0] and by["after"]["versions"] == [3, 3]   # exact snapshots
+    assert by["step_000001"]["versions"][0] >= 1                       # never older than the step evaluated
     assert len((run / "eval_step_000001" / "samples.jsonl").read_text().splitlines()) == 3 * 2   # problems × k
-    assert not list((run / "snapshots").iterdir())                     # evaluated snapshots are removed
+    assert not (run / "snapshots").exists()                            # no copy of the model is written for it
+    summ = json.loads((run / "summary.json").read_text())
+    assert summ["eval_before"]["avg_at_k"] == by["before"]["avg_at_k"]
 
 
 @pytest.mark.slow

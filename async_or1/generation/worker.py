@@ -237,10 +237,14 @@ class GeneratorWorker:
 
         requests = []
         for p in lease.prompts:
-            params = SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                                    max_new_tokens=int(p.max_response_tokens), stop_token_ids=self.stop_ids)
             ids = [int(t) for t in p.token_ids]
-            requests += [GenRequest(f"{p.prompt_id}/{i}", ids, params) for i in range(p.samples_per_prompt)]
+            for i in range(p.samples_per_prompt):
+                # A seeded prompt (evaluations) draws each sample from its own stream: batch-mates and
+                # the generator it lands on do not change it.
+                params = SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                                        max_new_tokens=int(p.max_response_tokens), stop_token_ids=self.stop_ids,
+                                        seed=None if p.sample_seed < 0 else p.sample_seed + i)
+                requests.append(GenRequest(f"{p.prompt_id}/{i}", ids, params))
             self._open[p.prompt_id] = {"lease": lease, "prompt": p, "results": [None] * p.samples_per_prompt,
                                        "aborted": False, "t0": time.perf_counter()}
         return requests
@@ -299,7 +303,7 @@ class GeneratorWorker:
         return not self.stopping
 
     def score(self, prompt: Any, results: list) -> list:
-        from async_or1.data.filter_cli import response_text
+        from async_or1.data.template import response_text
 
         with self.phases("score"):
             stop = set(self.stop_ids)
@@ -389,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     from async_or1.rewards.pool import RewardPool
     from async_or1.transport.zmq import ZmqGeneratorEndpoint
 
-    from async_or1.data.filter_cli import stop_token_ids
+    from async_or1.data.template import stop_token_ids
 
     curve = None  # keys first: a missing key fails before the model loads
     if cfg.transport.curve:

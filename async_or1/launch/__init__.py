@@ -1,6 +1,9 @@
 """``async-or1 train``: one command starts and supervises everything from one config.
 
-    check inputs → evaluate (before) → run the processes → evaluate (after) → plots
+    check the data, tokenizer and model config → run the processes → plots
+
+The held-out evaluations (before, periodic, after) run inside the run, on the generators (eval
+leases, learner/loop.py): the supervisor never loads the model.
 
 The processes run where ``launch.backend`` says: ``local`` spawns M learner ranks + N generators
 on this machine's split device pools (``launch/local.py``); ``ray`` runs the same processes on a
@@ -31,13 +34,38 @@ def resolve_inputs(cfg: Any) -> dict:
         model = str(paths.model)
         train_files = train_files or [str(paths.train)]
         eval_files = eval_files or [str(paths.heldout)]
+    from async_or1.data.prepare import DataError
+
     if not Path(model).is_dir():
-        raise SystemExit(f"model.path: {model} is not a local directory (download the checkpoint first; "
-                         "nothing is fetched at run time)")
+        raise DataError(f"model.path: {model} is not a local directory (download the checkpoint first; "
+                        "nothing is fetched at run time)")
     if not train_files:
-        raise SystemExit("data.train_files is empty: give parquet or JSONL files in the Skywork-OR1-RL-Data layout")
+        raise DataError("data.train_files is empty: give parquet or JSONL files in the Skywork-OR1-RL-Data layout")
     return {"model_path": model, "tokenizer_path": cfg.model.tokenizer_path or model,
             "train_files": train_files, "eval_files": eval_files}
+
+
+def check_data(cfg: Any, inputs: dict) -> dict:
+    """Everything the learner will load, checked here before any process starts: the tokenizer,
+    the model's config, every training row (file, row and field named on error) and the eval rows.
+    Raises data.prepare.DataError (the CLI prints its one line and exits 2). Returns the counts."""
+    from async_or1.data.prepare import check_fits, check_model, load_tokenizer, prepare, prepare_eval
+
+    d = cfg.data
+    tok = load_tokenizer(inputs["tokenizer_path"])
+    positions = check_model(inputs["model_path"], tok)["positions"]
+    train = prepare(inputs["train_files"], tok, max_prompt_tokens=d.max_prompt_tokens, on_bad_row=d.on_bad_row,
+                    abilities=d.abilities, difficulty_model=d.difficulty_model, difficulty_n=d.difficulty_n)
+    check_fits(train, positions, max(s.max_response_tokens for s in cfg.stages), "training")
+    counts = {"train": dict(train.counts)}
+    if inputs["eval_files"] and cfg.eval.k > 0:
+        held = prepare_eval(inputs["eval_files"], tok, max_prompt_tokens=d.max_prompt_tokens,
+                            max_problems=cfg.eval.max_problems)
+        check_fits(held, positions, cfg.eval_response_tokens, "eval")
+        counts["eval"] = dict(held.counts)
+    print(f"async-or1: data: {len(train.problems)} training problems ({counts['train']})"
+          + (f"; eval {counts['eval']}" if "eval" in counts else ""), flush=True)
+    return counts
 
 
 def check_code_sandbox(cfg: Any, train_files: list) -> None:
@@ -90,33 +118,24 @@ def build_spec(cfg: Any, inputs: dict, run_dir: Path, kind: str | None = None,
 
 
 def run_eval(cfg: Any, model_path: str, eval_files: list, label: str, step: int, run_dir: Path) -> dict:
-    """avg@k / pass@k on the held-out rows; appended to metrics.jsonl as an eval row."""
-    from async_or1.eval import evaluate_path
+    """avg@k / pass@k of a saved model on the held-out rows, sampled by generator processes on the
+    generator pool (launch_pool.py); appended to run_dir/metrics.jsonl as an eval row."""
+    from async_or1.eval import eval_row, summary_line
+    from async_or1.launch_pool import evaluate_model
 
-    t0 = time.perf_counter()
-    max_tokens = cfg.eval.max_response_tokens or cfg.stages[-1].max_response_tokens
-    res = evaluate_path(model_path, eval_files, k=cfg.eval.k, temperature=cfg.algo.temperature,
-                        max_response_tokens=max_tokens, max_problems=cfg.eval.max_problems,
-                        workers=cfg.rewards.workers, seed=cfg.seed, require_think=cfg.rewards.require_think,
-                        out_dir=run_dir / f"eval_{label}")
-    row = {"eval": True, "label": label, "step": step, "avg_at_k": res.avg_at_k,
-           "pass_at_k": {str(k): v for k, v in res.pass_at_k.items()}, "k": cfg.eval.k,
-           "seconds": round(time.perf_counter() - t0, 2)}
+    res = evaluate_model(cfg, model_path, eval_files, label=label, step=step, out_dir=run_dir / f"eval_{label}")
+    row = eval_row(label, step, cfg.eval.k, res)
     with (run_dir / "metrics.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")
-    print(f"eval ({label}, step {step}): avg@{cfg.eval.k} = {res.avg_at_k:.3f}  "
-          + "  ".join(f"pass@{k} = {v:.3f}" for k, v in res.pass_at_k.items()), flush=True)
+    print(summary_line(label, step, cfg.eval.k, res), flush=True)
     return row
 
 
-def _eval_snapshots(cfg: Any, eval_files: list, run_dir: Path) -> None:
-    """Held-out eval of the learner's periodic snapshots (eval.every_steps), oldest first, after
-    training: on a shared machine an eval during training would steal the trainer's cores."""
-    import shutil
-
-    for snap in sorted((run_dir / "snapshots").glob("step_*")):
-        run_eval(cfg, str(snap), eval_files, snap.name, int(snap.name.split("_")[1]), run_dir)
-        shutil.rmtree(snap)
+def eval_rows(run_dir: Path) -> dict[str, dict]:
+    """The run's evaluation rows by label (the last one of each label)."""
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    return {r["label"]: r for r in rows if r.get("eval")}
 
 
 def run_role(cfg: Any, role: str, generator_id: int | None, resume: bool) -> int:
@@ -136,6 +155,8 @@ def run_role(cfg: Any, role: str, generator_id: int | None, resume: bool) -> int
     inputs = resolve_inputs(cfg)
     if role == "generator":
         check_code_sandbox(cfg, inputs["train_files"])
+    else:
+        check_data(cfg, inputs)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = build_spec(cfg, inputs, run_dir)
@@ -183,20 +204,17 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False) -> int:
     if run_dir.exists() and any(run_dir.iterdir()) and not (resume or overwrite):
         raise SystemExit(f"{run_dir} already holds a run: continue it with --resume, replace it with --overwrite, "
                          f"or pick another name= ")
+    t0 = time.time()
+    inputs = resolve_inputs(cfg)
+    check_data(cfg, inputs)                     # before the run dir is touched or a process starts
+    check_code_sandbox(cfg, inputs["train_files"])
     if overwrite and not resume and run_dir.exists():
         import shutil
 
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _prepare_keys(cfg, run_dir)
-    t0 = time.time()
-    inputs = resolve_inputs(cfg)
-    check_code_sandbox(cfg, inputs["train_files"])
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    evals_on = bool(inputs["eval_files"]) and cfg.eval.k > 0
-    before = None
-    if evals_on and cfg.eval.at_start_and_end and not resume:
-        before = run_eval(cfg, inputs["model_path"], inputs["eval_files"], "before", 0, run_dir)
 
     from async_or1.launch_spec import write_spec
 
@@ -219,11 +237,8 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False) -> int:
     train_s = time.time() - t_train
     if rc != 0:
         return rc
-    if evals_on:
-        _eval_snapshots(cfg, inputs["eval_files"], run_dir)
-    after = None
-    if evals_on and cfg.eval.at_start_and_end:
-        after = run_eval(cfg, str(run_dir / "final"), inputs["eval_files"], "after", cfg.total_steps, run_dir)
+    evals = eval_rows(run_dir)
+    before, after = evals.get("before"), evals.get("after")
     summary = {"run_dir": str(run_dir), "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1),
                "eval_before": before, "eval_after": after}
     if before and after:
@@ -237,5 +252,5 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False) -> int:
     if before and after:
         print(f"held-out avg@{cfg.eval.k}: {before['avg_at_k']:.3f} → {after['avg_at_k']:.3f} "
               f"({summary['heldout_gain_points']:+.1f} points) in {summary['total_seconds']:.0f} s "
-              f"({train_s:.0f} s training)")
+              f"({train_s:.0f} s training, evaluations included)")
     return 0

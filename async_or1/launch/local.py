@@ -103,27 +103,39 @@ def rank_env(rank: int, world: int, master_addr: str, master_port: int, kind: st
     return env
 
 
+def loopback_ifs(cfg: Any) -> dict:
+    """Gloo listens on the address its host name resolves to, which may be a public interface:
+    pin it to loopback when the run is local (every other socket binds transport.host)."""
+    return {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"} if cfg.transport.host in ("127.0.0.1", "localhost") else {}
+
+
+def generator_children(cfg: Any, spec: dict, spec_path: Path, run_dir: Path) -> list:
+    """One process per generator, pinned to its device set (logs under run_dir/logs): a run's, or
+    an evaluation pool's (launch_pool.py)."""
+    from async_or1.launch_spec import child_env
+
+    gens = []
+    for g in range(cfg.generation.num_generators):
+        env = {**child_env(cfg.generation.devices[g] if cfg.generation.devices else None, spec["device_kind"]),
+               **loopback_ifs(cfg)}
+        gens.append(Child(f"generator {g}", [sys.executable, *generator_args(spec_path, g)], env,
+                          run_dir / "logs" / f"generator_{g}.log"))
+    return gens
+
+
 def make_children(cfg: Any, spec: dict, spec_path: Path, run_dir: Path, resume: bool) -> tuple[list, list]:
     from async_or1.launch_spec import child_env
 
     py = sys.executable
     world = max(1, len(cfg.learner.devices))
-    # Gloo listens on the address its host name resolves to, which may be a public interface:
-    # pin it to loopback when the run is local (every other socket binds transport.host).
-    gloo_if = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"} if cfg.transport.host in ("127.0.0.1", "localhost") else {}
+    gloo_if = loopback_ifs(cfg)
     learners = []
     for r in range(world):
         env = {**child_env(cfg.learner.devices[r] if cfg.learner.devices else None, spec["device_kind"]), **gloo_if,
                **rank_env(r, world, "127.0.0.1", spec["learner_master_port"], spec["device_kind"], r, world)}
         learners.append(Child(f"learner rank {r}", [py, *learner_args(spec_path, resume)], env,
                               run_dir / "logs" / f"learner_{r}.log", stdout_to_terminal=(r == 0)))
-    gens = []
-    for g in range(cfg.generation.num_generators):
-        env = {**child_env(cfg.generation.devices[g] if cfg.generation.devices else None, spec["device_kind"]),
-               **gloo_if}
-        gens.append(Child(f"generator {g}", [py, *generator_args(spec_path, g)], env,
-                          run_dir / "logs" / f"generator_{g}.log"))
-    return learners, gens
+    return learners, generator_children(cfg, spec, spec_path, run_dir)
 
 
 def _sigterm_as_interrupt(signum: int, frame: Any) -> None:

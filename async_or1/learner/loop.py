@@ -26,23 +26,36 @@ log = logging.getLogger("async_or1.learner")
 
 
 class RolloutSide:
-    """Rank 0's buffer + prompt source + controller thread, built from the launch spec."""
+    """Rank 0's buffer + prompt source + eval book + controller thread, built from the launch spec.
+
+    The data goes through the same ``data.prepare`` the launcher ran before spawning anything,
+    so the problems, their prompt ids and the drop counts are the ones it checked."""
 
     def __init__(self, cfg: Any, spec: dict, tokenizer: Any, resume_state: dict | None, endpoint: Any) -> None:
-        from async_or1.data.rows import load_problems
-        from async_or1.data.template import encode_prompt
+        import numpy as np
 
-        problems, counts = load_problems(spec["train_files"], on_bad_row=cfg.data.on_bad_row,
-                                         abilities=tuple(cfg.data.abilities))
+        from async_or1.data.prepare import check_model, prepare
+
+        d = cfg.data
+        model = check_model(spec["model_path"], tokenizer)
+        data = prepare(spec["train_files"], tokenizer, max_prompt_tokens=d.max_prompt_tokens,
+                       on_bad_row=d.on_bad_row, abilities=d.abilities, difficulty_model=d.difficulty_model,
+                       difficulty_n=d.difficulty_n)
+        self.data_counts = dict(data.counts)
+        self.evals = eval_book(cfg, spec, tokenizer, model["stop_ids"])
         self.endpoint = endpoint
+        ids = {u: np.asarray(t, dtype=np.int32) for u, t in data.token_ids.items()}
         self.source, self.buffer, self.controller = rollout_side_parts(
-            cfg, problems, lambda pr: encode_prompt(tokenizer, pr.prompt), endpoint, resume_state, load_counts=counts)
+            cfg, data.problems, lambda pr: ids[pr.uid], endpoint, resume_state, load_counts=self.data_counts,
+            filter_difficulty=False, vocab_size=model["vocab_size"], evals=self.evals)
 
 
 def rollout_side_parts(cfg: Any, problems: list, encode_prompt: Any, endpoint: Any, resume_state: dict | None = None,
-                       clock: Any = time, load_counts: dict | None = None) -> tuple[Any, Any, Any]:
+                       clock: Any = time, load_counts: dict | None = None, *, filter_difficulty: bool = True,
+                       vocab_size: int | None = None, evals: Any = None) -> tuple[Any, Any, Any]:
     """(prompt source, replay buffer, controller) of learner rank 0 over loaded problems, after the
-    offline difficulty filter. The simulator builds its control side with this too."""
+    offline difficulty filter (``filter_difficulty=False``: data.prepare already applied it). The
+    simulator builds its control side with this too."""
     from async_or1.buffer import ReplayBuffer
     from async_or1.data.source import PromptSource
     from async_or1.learner.controller import Controller
@@ -53,7 +66,7 @@ def rollout_side_parts(cfg: Any, problems: list, encode_prompt: Any, endpoint: A
         return cfg.stage_at(step)[1].prompts_per_step if step < total else 0
 
     counts = dict(load_counts or {})
-    if cfg.data.difficulty_model:
+    if cfg.data.difficulty_model and filter_difficulty:
         from async_or1.data.filter import filter_by_difficulty
 
         problems, dcounts = filter_by_difficulty(problems, cfg.data.difficulty_model, cfg.data.difficulty_n)
@@ -61,14 +74,46 @@ def rollout_side_parts(cfg: Any, problems: list, encode_prompt: Any, endpoint: A
     log.info("training problems: %d (%s)", len(problems), counts)
     source = PromptSource(problems, cfg.stages, seed=cfg.seed, shuffle=cfg.data.shuffle,
                           online_filter=cfg.data.online_filter)
-    buffer = ReplayBuffer(cfg.max_staleness, pps, reject_zero_advantage=cfg.algo.reject_zero_advantage, clock=clock)
+    buffer = ReplayBuffer(cfg.max_staleness, pps, reject_zero_advantage=cfg.algo.reject_zero_advantage,
+                          stage_at=lambda step: cfg.stage_at(step)[0], vocab_size=vocab_size,
+                          max_prompt_tokens=cfg.data.max_prompt_tokens, clock=clock)
     if resume_state:
         source.load_state_dict(resume_state["source"])
         buffer.load_state_dict(resume_state["buffer"])
     controller = Controller(endpoint=endpoint, buffer=buffer, source=source, encode_prompt=encode_prompt,
                             stage_at=cfg.stage_at, num_generators=cfg.generation.num_generators,
-                            prompts_per_step_at=pps, generator_timeout_s=cfg.transport.generator_timeout_s, clock=clock)
+                            prompts_per_step_at=pps, evals=evals, generator_timeout_s=cfg.transport.generator_timeout_s,
+                            clock=clock)
     return source, buffer, controller
+
+
+def eval_book(cfg: Any, spec: dict, tokenizer: Any, stop_ids: list) -> Any:
+    """The held-out evaluations of a run (before, every eval.every_steps, after), or None."""
+    if not spec.get("eval_files") or cfg.eval.k <= 0:
+        return None
+    import numpy as np
+
+    from async_or1.data.prepare import prepare_eval
+    from async_or1.data.template import response_text
+    from async_or1.eval import EvalBook
+
+    data = prepare_eval(spec["eval_files"], tokenizer, max_prompt_tokens=cfg.data.max_prompt_tokens,
+                        max_problems=cfg.eval.max_problems)
+    stops = set(stop_ids)
+    return EvalBook(data.problems, {u: np.asarray(t, dtype=np.int32) for u, t in data.token_ids.items()},
+                    k=cfg.eval.k, max_response_tokens=cfg.eval_response_tokens, seed=cfg.seed,
+                    decode=lambda toks: response_text(tokenizer, [int(t) for t in toks], stops))
+
+
+def write_finished_evals(side: Any, writer: Any, cfg: Any, run_dir: Path) -> None:
+    """Rows and samples of every evaluation that finished since the last call."""
+    from async_or1.eval import eval_row, summary_line, write_outputs
+
+    for label, step, res in side.controller.take_finished_evals():
+        write_outputs(res, run_dir / f"eval_{label}", {"label": label, "step": step, "k": cfg.eval.k,
+                                                         "temperature": cfg.algo.temperature,
+                                                         "max_response_tokens": cfg.eval_response_tokens})
+        writer.write_eval(eval_row(label, step, cfg.eval.k, res), summary_line(label, step, cfg.eval.k, res))
 
 
 def _zmq_endpoint(cfg: Any, spec: dict) -> Any:
@@ -174,8 +219,8 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
         channel = (make_channel or _weight_group)(cfg, spec, side.controller)
         side.controller.set_version(version, broadcast_version=version)
         side.controller.start()
-        # Always append: the launcher has already emptied the run dir (or refused a non-empty one)
-        # and may have written the before-training eval row into metrics.jsonl.
+        # Always append: a resumed run continues the same metrics.jsonl (the launcher has emptied
+        # the run dir, or refused a non-empty one, for a new run).
         writer = MetricsWriter(run_dir, tensorboard=cfg.log.tensorboard, append=True, total_steps=cfg.total_steps)
         side.controller.wait_for_generators(cfg.transport.generator_timeout_s * 4)
     phases = Phases()
@@ -185,6 +230,12 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
             side.controller.set_version(side.controller.version, broadcast_version=v)
 
     broadcast(version)
+    evals_on = rank == 0 and side.evals is not None
+    if evals_on and cfg.eval.at_start_and_end and not resume:
+        # Before any training lease: every token of this evaluation comes from the initial weights.
+        side.controller.request_eval("before", version, version)
+        side.controller.wait_for_evals(cfg.buffer.wait_timeout_s)
+        write_finished_evals(side, writer, cfg, run_dir)
     if rank == 0:
         side.controller.leasing_open = True
 
@@ -204,8 +255,9 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
             payload = None
             if rank == 0:
                 if new_stage != stage:
-                    dropped = side.controller.on_stage_start(new_stage)
-                    log.info("stage %d → %d at step %d; online filter: %s", stage, new_stage, version, dropped)
+                    # The source entered the stage when leasing reached it (its online filter ran then).
+                    log.info("stage %d → %d at step %d; online filter dropped %s", stage, new_stage, version,
+                             side.controller.stage_starts.get(new_stage, 0))
                     stage = new_stage
                 groups = None
                 # Only rank 0's SIGTERM flag counts: the decision to stop travels in the payload, so
@@ -248,12 +300,15 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
         entropy = stats["entropy"]
         if cfg.algo.entropy.enabled:
             entropy_coef = entropy_ctl.step(entropy)
-        # ---- broadcast --------------------------------------------------------------------
+        # ---- broadcast (and, every eval.every_steps, an evaluation of what was broadcast) -------
         with phases("broadcast"):
             if version % cfg.learner.broadcast_every_steps == 0 or version == total:
                 if rank == 0:
                     side.controller.set_version(version)
                 broadcast(version)
+                every = cfg.eval.every_steps
+                if evals_on and every and version % every == 0 and version < total:
+                    side.controller.request_eval(f"step_{version:06d}", version, version)
             elif rank == 0:
                 side.controller.set_version(version)
         # ---- checkpoint ------------------------------------------------------------------
@@ -263,12 +318,10 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
                 _save(engine, ckpt_root, version, rank, side, entropy_ctl, entropy_coef, stage,
                       cfg.learner.keep_checkpoints)
                 saved_version = version
-        snap = cfg.eval.every_steps
-        if snap and version % snap == 0 and version < total:
-            with phases("snapshot"):        # collective under ZeRO-3: every rank gathers
-                engine.save_hf(run_dir / "snapshots" / f"step_{version:06d}", tokenizer=tokenizer)
         # ---- log -------------------------------------------------------------------------
         with phases("log"):
+            if evals_on:
+                write_finished_evals(side, writer, cfg, run_dir)
             if rank == 0:
                 now = time.perf_counter()
                 ph = phases.take()
@@ -287,14 +340,22 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
                        **side.buffer.step_metrics(version)}
                 writer.write(row, print_line=(version - 1) % cfg.log.print_every_steps == 0)
 
-    # ---- end of run ----------------------------------------------------------------------
-    if rank == 0:
-        side.controller.finish()
-        side.controller.flush()
+    # ---- end of run: the final evaluation runs on the generators while the learner saves ----
+    if evals_on and cfg.eval.at_start_and_end and version == total:
+        side.controller.request_eval("after", version, version)
     if version != saved_version:
         _save(engine, ckpt_root, version, rank, side, entropy_ctl, entropy_coef, stage, cfg.learner.keep_checkpoints)
     engine.save_hf(run_dir / "final", tokenizer=tokenizer)
+    if evals_on:
+        if version == total:
+            side.controller.wait_for_evals(cfg.buffer.wait_timeout_s)
+        write_finished_evals(side, writer, cfg, run_dir)
+        n, _, _ = side.controller.evals_unfinished()
+        if n:
+            log.warning("%d evaluation(s) unfinished at the stop: not recorded", n)
     if rank == 0:
+        side.controller.finish()
+        side.controller.flush()
         # Generators answer the Shutdown by returning unsampled leases or delivering finished groups;
         # wait for them so the accounting closes with nothing in flight.
         deadline = time.monotonic() + 30
@@ -307,7 +368,7 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
                                          "prompts_reissued_lost": side.controller.reissued_lost,
                                          "recoveries": side.controller.recoveries,
                                          "weight_group": dict(getattr(channel, "stats", {}))},
-                              "source": dict(side.source.counts),
+                              "data": side.data_counts, "source": dict(side.source.counts),
                               "transport": dict(side.endpoint.stats),
                               "weight_fingerprints": {"sent": channel.sent_fingerprints,
                                                       "received": side.controller.received_fingerprints}})

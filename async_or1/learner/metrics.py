@@ -74,6 +74,14 @@ class MetricsWriter:
         if print_line:
             print(progress_line(row, self.total_steps), flush=True)
 
+    def write_eval(self, row: dict, line: str) -> None:
+        """An evaluation row (``"eval": true``, its ``step`` the version evaluated) and its line."""
+        self._f.write(json.dumps(_clean(row)) + "\n")
+        self._f.flush()
+        if self._tb is not None:
+            self._tb.add_scalar("eval/avg_at_k", row["avg_at_k"], row["step"])
+        print(line, flush=True)
+
     def write_summary(self, summary: dict) -> None:
         (self.run_dir / "learner_summary.json").write_text(json.dumps(finite_json(summary), indent=1))
 

@@ -42,7 +42,7 @@ _I32, _F32 = ("nd", "<i4"), ("nd", "<f4")
 
 _SPECS: dict[type, dict[str, Any]] = {
     Prompt: {"prompt_id": "str", "token_ids": _I32, "ability": "str", "ground_truth": "json", "stage": "int",
-             "samples_per_prompt": "int", "max_response_tokens": "int"},
+             "samples_per_prompt": "int", "max_response_tokens": "int", "sample_seed": "int"},
     LeaseRequest: {"generator_id": "int", "max_prompts": "int", "incarnation": "str"},
     PromptLease: {"lease_id": "int", "prompts": ("list", ("msg", Prompt)), "min_version": "int", "done": "bool",
                   "incarnation": "str"},

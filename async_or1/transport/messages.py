@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 3  # 2: arrays moved out of msgpack into the frame's payload; 3: lease incarnations
+SCHEMA_VERSION = 4  # 2: arrays moved out of msgpack into the frame's payload; 3: lease incarnations; 4: Prompt.sample_seed
 
 
 class WireError(ValueError):
@@ -39,9 +39,11 @@ class Prompt:
     token_ids: np.ndarray     # int32 [P] prompt tokens after the chat template
     ability: str              # "math" | "code"
     ground_truth: Any         # JSON-able: list of gold answers (math) or test dict / assert list (code)
-    stage: int                # schedule stage the prompt was leased in
+    stage: int                # schedule stage whose step will train it (-1: an evaluation prompt)
     samples_per_prompt: int   # G
     max_response_tokens: int
+    sample_seed: int = -1     # >= 0: sample j draws from seed sample_seed + j (evaluations: the same weights
+                              # give the same samples on any generator); -1: the engine's own stream
 
 
 @dataclass
