@@ -129,8 +129,8 @@ class EvalBook:
 
     def __init__(self, problems: Sequence[Any], token_ids: dict, *, k: int, max_response_tokens: int, seed: int = 0,
                  decode: Callable[[Any], str] | None = None, keep_samples: bool = True) -> None:
-        if k < 1:
-            raise ValueError(f"EvalBook: k must be >= 1, got {k}")
+        if k < 1 or not problems:
+            raise ValueError(f"EvalBook: need k >= 1 and at least one problem, got k={k}, {len(problems)} problems")
         self.problems = {p.uid: p for p in problems}
         self.order = [p.uid for p in problems]
         self.token_ids = token_ids
@@ -146,7 +146,7 @@ class EvalBook:
         return f"eval:{label}:{uid}"
 
     def request(self, label: str, step: int, min_version: int) -> None:
-        if label in self._evals:
+        if self.prompt_id(label, self.order[0]) in self._issued:
             raise ValueError(f"EvalBook: evaluation {label!r} requested twice")
         todo = collections.deque(self.prompt_id(label, u) for u in self.order)
         for pid, uid in zip(todo, self.order):

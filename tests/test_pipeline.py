@@ -108,15 +108,29 @@ def _check_run(run: Path, steps: int, generators: int, max_staleness: int, first
     return summ
 
 
+def _prompt_lengths(tiny: Path) -> list[int]:
+    from transformers import AutoTokenizer
+
+    from async_or1.data.rows import load_problems
+    from async_or1.data.template import encode_prompt
+
+    tok = AutoTokenizer.from_pretrained(str(tiny / "model"))
+    return [len(encode_prompt(tok, p.prompt)) for p in load_problems([tiny / "train.jsonl"])[0]]
+
+
 def test_inprocess_loop_trains_and_broadcasts(tiny, tmp_path):
+    lengths = _prompt_lengths(tiny)
+    limit = sorted(lengths)[len(lengths) // 2]      # about half the prompts are too long
     _train(_overrides(tiny, tmp_path, "inproc", **{"transport.kind": "inproc", "learner.devices": "",
-                                                    "buffer.max_staleness": 1,
+                                                    "buffer.max_staleness": 1, "data.max_prompt_tokens": limit,
                                                     "generation.devices": "", "data.eval_files": str(tiny / "train.jsonl"),
                                                     "eval.at_start_and_end": "true", "eval.every_steps": 1,
                                                     "eval.k": 2, "eval.max_problems": 3}))
     run = tmp_path / "inproc"
     summ = _check_run(run, steps=3, generators=1, max_staleness=1)
     assert summ["accounting"]["trained"] == 6
+    # data.max_prompt_tokens is enforced when the data is loaded, and the drop is counted
+    assert summ["data"]["prompt_too_long"] == sum(n > limit for n in lengths) > 0
     # Held-out evals on the generator (eval leases): the initial model before any training lease,
     # the broadcasts of steps 1 and 2 during the run, the final model.
     evals = [r for r in _rows(run) if r.get("eval")]
@@ -125,7 +139,8 @@ def test_inprocess_loop_trains_and_broadcasts(tiny, tmp_path):
     by = {e["label"]: e for e in evals}
     assert by["before"]["versions"] == [0, 0] and by["after"]["versions"] == [3, 3]   # exact snapshots
     assert by["step_000001"]["versions"][0] >= 1                       # never older than the step evaluated
-    assert len((run / "eval_step_000001" / "samples.jsonl").read_text().splitlines()) == 3 * 2   # problems × k
+    held = sum(n <= limit for n in lengths[:3])     # eval rows obey max_prompt_tokens too
+    assert len((run / "eval_step_000001" / "samples.jsonl").read_text().splitlines()) == held * 2   # problems × k
     assert not (run / "snapshots").exists()                            # no copy of the model is written for it
     summ = json.loads((run / "summary.json").read_text())
     assert summ["eval_before"]["avg_at_k"] == by["before"]["avg_at_k"]

@@ -356,3 +356,40 @@ def test_lease_min_version_is_never_older_than_version_minus_eta(eta, want):
         assert lease.min_version == want  # max(broadcast 2, version 3 − η)
     finally:
         ctl.stop()
+
+
+def test_an_empty_response_drops_its_group_and_the_run_goes_on():
+    """An engine returns one response with no token (an abort, a broken backend). Its group is
+    dropped with the counted reason empty_response before the learner sees it (the learner's
+    collate refuses an empty response), a refill takes its place, and every batch is whole."""
+    hub, buf, src, ctl, eng, worker = _rig(max_staleness=1)
+    inner = eng.generate
+
+    def generate(requests, between_steps=None, on_result=None, more=None):
+        def emptied(r):
+            if r.request_id.startswith("p1@") and r.request_id.endswith("/0") and not emptied.done:
+                emptied.done = True
+                r = GenResult(r.request_id, [], [], [], "stop")
+            on_result(r)
+        emptied.done = False
+        return inner(requests, between_steps=between_steps, on_result=emptied, more=more)
+
+    eng.generate = generate
+    th = _start(ctl, worker)
+    try:
+        for v in range(4):
+            groups = buf.take_batch(v, 2, timeout_s=20)
+            assert groups is not None and all(len(s.tokens) > 0 for g in groups for s in g.samples)
+            ctl.set_version(v + 1)
+            _weights(ctl, v + 1)
+            ctl.set_version(v + 1, broadcast_version=v + 1)
+    finally:
+        ctl.finish()
+        th.join(10)
+        ctl.stop()
+    deadline = time.time() + 5
+    while buf.accounting()["in_flight"] and time.time() < deadline:
+        time.sleep(0.05)
+    a = buf.accounting()
+    assert a["dropped"].get("empty_response") == 1 and a["trained"] == 8
+    buf.check_accounting()
