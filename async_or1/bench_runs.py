@@ -36,13 +36,13 @@ def cell_config(config: str, overrides: list[str], name: str, output_dir: str, s
     return cfg
 
 
-def run_cell(cfg: Any) -> tuple[list[dict], float]:
+def run_cell(cfg: Any, bench: dict | None = None) -> tuple[list[dict], float]:
     """Train one cell; its metrics rows (training and eval rows) and wall seconds. A failed run stops
-    the bench with the path of its logs."""
+    the bench with the path of its logs. ``bench``: what the bench asks of the learner (launch.train)."""
     from async_or1.launch import train
 
     t0 = time.time()
-    rc = train(cfg, overwrite=True)
+    rc = train(cfg, overwrite=True, bench=bench)
     if rc != 0:
         raise SystemExit(f"bench run {cfg.name} failed with exit code {rc}; see {cfg.run_dir / 'logs'}")
     return read_rows(cfg.run_dir), round(time.time() - t0, 1)

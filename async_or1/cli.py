@@ -89,7 +89,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     bsub = p.add_subparsers(dest="bench_cmd", required=True)
     t = bsub.add_parser("throughput", help="async vs on-policy on the same work, interleaved")
     t.add_argument("--config", "-c", default="configs/cpu-tiny.yaml")
-    t.add_argument("--modes", default="on-policy,async", help="comma list of on-policy, async")
+    t.add_argument("--modes", default="alone,on-policy,async",
+                   help="comma list of alone (each pool by itself on the same work: the ceiling), on-policy, async")
     t.add_argument("--max-staleness", default="1,2,4", help="comma list of η values for the async mode")
     t.add_argument("--steps", type=int, default=20, help="training steps per run")
     t.add_argument("--repeats", type=int, default=1, help="interleaved rounds over all modes")

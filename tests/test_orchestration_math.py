@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from async_or1.bench_throughput import auto_threshold, run_summary, speedup_bound, summarize, time_to_reward
+from async_or1.bench_throughput import (auto_threshold, ledger_summary, pools_alone, run_summary, speedup_bound,
+                                        summarize, time_to_reward)
 from async_or1.launch_spec import child_env, parse_cpu_set
 
 
@@ -64,19 +65,43 @@ def test_run_summary_where_the_time_goes():
     assert s["lease_prompts_mean"] == pytest.approx((16 + 8 + 16) / 3)
 
 
-def test_summarize_ratios_against_on_policy():
+def _ledger(received, stale):
+    return ledger_summary({"received": received + 1, "unleased_groups": 1, "dropped": {"stale": stale}})
+
+
+def test_ledger_summary_counts_leased_groups_only():
+    s = _ledger(200, 1)
+    assert s == {"dropped_stale": 1, "groups_received": 200, "stale_frac": 0.005}
+
+
+def test_pools_alone_hand_values():
+    # after the first step's groups, the generators filled steps 1-3 (3 × 100 tokens) in 6 s: 50 tok/s
+    # alone; the learner then took steps 1-3 from t=1 to t=4: 100 tok/s alone
+    rows = _rows([1.0, 2.0, 3.0, 4.0], [999, 100, 100, 100], wait=0.0, train=1.0)
+    assert pools_alone(rows, 6.0) == {"generator_tokens_per_s": 50.0, "learner_tokens_per_s": 100.0}
+
+
+def test_summarize_ratios_against_on_policy_and_the_pool_bound():
+    # as the bench builds them: the metrics rows' summary, then the ledger's (learner_summary.json)
     onp = {"mode": "on-policy", "max_staleness": 0, "repeat": 0,
-           **run_summary(_rows([0, 4, 8, 12], [0, 100, 100, 100], wait=3.0, train=1.0))}
+           **run_summary(_rows([0, 4, 8, 12], [0, 100, 100, 100], wait=3.0, train=1.0)), **_ledger(40, 0)}
     asy = {"mode": "async", "max_staleness": 1, "repeat": 0,
-           **run_summary(_rows([0, 3, 6, 9], [0, 100, 100, 100], wait=0.1, train=1.0))}
-    rep = summarize([onp, asy], threshold=0.15)
-    assert rep["bound"] == pytest.approx(4 / 3)
+           **run_summary(_rows([0, 3, 6, 9], [0, 100, 100, 100], wait=0.1, train=1.0)), **_ledger(40, 1)}
+    rows = _rows([0, 1, 2, 3], [0, 100, 100, 100], wait=0.0, train=1.0)
+    alone = {"mode": "alone", "max_staleness": 3, "repeat": 0, **run_summary(rows), **_ledger(40, 0),
+             **pools_alone(rows, 8.0)}                # generators 300/8 = 37.5 tok/s, learner 100 tok/s
+    rep = summarize([onp, asy, alone], threshold=0.15)
+    assert rep["overlap_estimate"] == pytest.approx(4 / 3)
+    assert rep["pool_bound_tokens_per_s"] == pytest.approx(37.5)
     a = [r for r in rep["runs"] if r["mode"] == "async"][0]
     assert a["speedup"] == pytest.approx((300 / 9) / (300 / 12))
-    assert a["speedup_vs_bound"] == pytest.approx(a["speedup"] / (4 / 3))
+    assert a["of_overlap_estimate"] == pytest.approx(a["speedup"] / (4 / 3))
+    assert a["of_pool_bound"] == pytest.approx((300 / 9) / 37.5)
+    assert a["dropped_stale"] == 1 and a["stale_frac"] == pytest.approx(1 / 40)
     # 4 points, window min(5, 4): the mean of rewards 0, .1, .2, .3 is 0.15, reached at the last step
     assert a["time_to_reward_vs_on_policy"] == pytest.approx(9 / 12)
     assert summarize([onp, asy])["reward_threshold"] is None       # too short for an automatic level
+    assert "pool_bound_tokens_per_s" not in summarize([onp, asy])  # no alone run: no measured ceiling
 
 
 def test_auto_threshold_between_start_and_weakest_end():

@@ -212,7 +212,8 @@ def test_processes_on_policy_every_token_from_the_trained_version(tiny, tmp_path
 
 @pytest.mark.slow
 def test_throughput_bench_async_beats_on_policy(tiny, tmp_path):
-    """The short benchmark: same work, same cores, interleaved; async must train tokens faster."""
+    """The short benchmark: same work, same cores, interleaved; async must train tokens faster, and
+    no group may be dropped as stale (by construction). The pools-alone run gives the ceiling."""
     out = tmp_path / "throughput.json"
     ov = [o for o in _overrides(tiny, tmp_path, "x", **{"schedule.0.max_response_tokens": 48,
                                                         "schedule.0.prompts_per_step": 4,
@@ -223,7 +224,7 @@ def test_throughput_bench_async_beats_on_policy(tiny, tmp_path):
           if not o.startswith(("name=", "output_dir=", "schedule.0.steps="))]
     env = dict(os.environ, DS_ACCELERATOR="cpu")
     p = subprocess.run([sys.executable, "-m", "async_or1.cli", "bench", "throughput", "--config",
-                        str(ROOT / "configs/cpu-tiny.yaml"), "--modes", "on-policy,async", "--max-staleness", "1",
+                        str(ROOT / "configs/cpu-tiny.yaml"), "--modes", "alone,on-policy,async", "--max-staleness", "1",
                         "--steps", "8", "--out", str(out), *ov], env=env, capture_output=True, text=True,
                        timeout=900, cwd=tmp_path)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -231,4 +232,7 @@ def test_throughput_bench_async_beats_on_policy(tiny, tmp_path):
     runs = {r["mode"]: r for r in rep["runs"]}
     assert runs["async"]["tokens_per_s"] > runs["on-policy"]["tokens_per_s"], rep["runs"]
     assert runs["on-policy"]["staleness_mean"] == 0
+    assert all(r["dropped_stale"] == 0 and r["groups_received"] > 0 for r in rep["runs"]), rep["runs"]
+    assert rep["pool_bound_tokens_per_s"] == min(rep["generator_alone_tokens_per_s"], rep["learner_alone_tokens_per_s"])
+    assert runs["async"]["of_pool_bound"] > 0 and "overlap_estimate" in rep
     assert out.with_suffix(".png").is_file()

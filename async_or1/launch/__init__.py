@@ -191,11 +191,14 @@ def _prepare_keys(cfg: Any, run_dir: Path) -> None:
         raise SystemExit(f"transport.keys_dir: {e}") from None
 
 
-def train(cfg: Any, resume: bool = False, overwrite: bool = False) -> int:
+def train(cfg: Any, resume: bool = False, overwrite: bool = False, bench: dict | None = None) -> int:
+    """``bench``: what the throughput benchmark asks of the learner (launch spec, not config)."""
     from async_or1.config import dump_yaml
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cluster = None
+    if bench and cfg.launch.backend != "local":
+        raise SystemExit("the throughput benchmark runs on the local backend (launch.backend=local)")
     if cfg.launch.backend == "ray":  # before anything expensive: no Ray, no cluster or too small a one fails here
         from async_or1.launch import ray as ray_backend
 
@@ -223,6 +226,8 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False) -> int:
         rc = ray_backend.run(cluster, cfg, inputs, run_dir, resume)
     else:
         spec = build_spec(cfg, inputs, run_dir)
+        if bench:
+            spec["bench"] = dict(bench)
         spec_path = run_dir / "launch.json"
         write_spec(spec_path, spec)
         if cfg.transport.kind == "inproc":

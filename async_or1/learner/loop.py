@@ -105,6 +105,30 @@ def eval_book(cfg: Any, spec: dict, tokenizer: Any, stop_ids: list) -> Any:
                     decode=lambda toks: response_text(tokenizer, [int(t) for t in toks], stops))
 
 
+def fill_buffer(side: Any, cfg: Any) -> dict:
+    """The throughput bench's pool measurement (``bench throughput --modes alone``): wait until
+    every group of the run is queued before the first step, so the generators work alone first
+    (leasing never gated: the bench sets η to the run's length) and the learner then trains on
+    ready batches alone. Returns the generators' seconds: in all, and after the first step's
+    groups were queued (start-up left out, as the modes' rates leave out the first step)."""
+    t0 = time.perf_counter()
+    want = side.buffer.prompts_before(cfg.total_steps)
+    first = side.buffer.prompts_before(1)
+    t_first = None
+    while True:
+        side.controller._check()
+        a = side.buffer.accounting()
+        now = time.perf_counter()
+        if t_first is None and a["queued"] >= first:
+            t_first = now
+        if a["queued"] >= want and not a["in_flight"]:
+            return {"fill_s": now - t0, "after_first_step_s": now - t_first}
+        if time.perf_counter() - t0 > cfg.buffer.wait_timeout_s:
+            raise SystemExit(f"bench: the generators did not fill the run's {want} groups within "
+                             f"buffer.wait_timeout_s={cfg.buffer.wait_timeout_s:.0f} s ({a})")
+        time.sleep(0.05)
+
+
 def write_finished_evals(side: Any, writer: Any, cfg: Any, run_dir: Path) -> None:
     """Rows and samples of every evaluation that finished since the last call."""
     from async_or1.eval import eval_row, summary_line, write_outputs
@@ -238,6 +262,9 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
         write_finished_evals(side, writer, cfg, run_dir)
     if rank == 0:
         side.controller.leasing_open = True
+    fill_s = None
+    if rank == 0 and spec.get("bench", {}).get("pools_alone"):
+        fill_s = fill_buffer(side, cfg)
 
     if rank == 0 and version == 0:
         side.controller.on_stage_start(stage)
@@ -369,6 +396,7 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
                                          "recoveries": side.controller.recoveries,
                                          "weight_group": dict(getattr(channel, "stats", {}))},
                               "data": side.data_counts, "source": dict(side.source.counts),
+                              **({"pools_alone": fill_s} if fill_s is not None else {}),
                               "transport": dict(side.endpoint.stats),
                               "weight_fingerprints": {"sent": channel.sent_fingerprints,
                                                       "received": side.controller.received_fingerprints}})
