@@ -200,8 +200,10 @@ class BufferConfig:
     max_staleness: int = _f(1, "η: the one staleness bound, in versions. A version is one training step: one rollout "
         "batch of prompts_per_step groups consumed, whatever its mini_batches_per_step × passes_per_batch optimizer "
         "steps; weights are broadcast and tokens stamped in the same unit. A prompt is leased only while "
-        "accepted + running < (η + version + 1) × prompts_per_step, and a group whose oldest token is more than "
-        "η versions behind the learner when consumed is dropped (reason 'stale'). 0 is on-policy.")
+        "accepted + running < (η + version + 1) × prompts_per_step, for the step whose slot it fills, starting on "
+        "weights at least that step − η; the learner takes groups by deadline and waits for a due one, so no group "
+        "is trained more than η versions behind (one that is, e.g. from a generator ignoring min_version, is "
+        "dropped: reason 'stale'). 0 is on-policy.")
     wait_timeout_s: float = _f(600.0, "The learner fails loudly if no batch completes within this time.")
 
 

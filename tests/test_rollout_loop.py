@@ -177,6 +177,28 @@ def _weights(ctl, version):
     ctl.flush()
 
 
+def _advance(ctl, v):
+    """Step v is trained: the learner bumps its version (room opens), then broadcasts it."""
+    ctl.set_version(v + 1)
+    _weights(ctl, v + 1)
+    ctl.set_version(v + 1, broadcast_version=v + 1)
+
+
+def _stop(ctl, th, timeout_s=10):
+    ctl.finish()
+    th.join(timeout_s)
+    ctl.stop()
+
+
+def _drained(buf):
+    """After the stop: the groups and returns still on their way have arrived."""
+    deadline = time.time() + 5
+    while buf.accounting()["in_flight"] and time.time() < deadline:
+        time.sleep(0.05)
+    buf.check_accounting()
+    return buf.accounting()
+
+
 def test_on_policy_every_token_from_the_trained_version():
     hub, buf, src, ctl, eng, worker = _rig(max_staleness=0)
     th = _start(ctl, worker)
@@ -191,13 +213,9 @@ def test_on_policy_every_token_from_the_trained_version():
                     assert set(s.versions.tolist()) == {v}
             # Admission: nothing beyond step v may be leased before the step is taken.
             assert buf.accounting()["in_flight"] == 0
-            ctl.set_version(v + 1)
-            _weights(ctl, v + 1)
-            ctl.set_version(v + 1, broadcast_version=v + 1)
+            _advance(ctl, v)
     finally:
-        ctl.finish()
-        th.join(10)
-        ctl.stop()
+        _stop(ctl, th)
     assert not th.is_alive()
     buf.check_accounting()
     a = buf.accounting()
@@ -222,18 +240,11 @@ def test_async_versions_change_in_flight_and_staleness_bounded():
             # Leased + accepted never exceed (η + version + 1) × prompts_per_step.
             a = buf.accounting()
             assert a["trained"] + a["queued"] + a["in_flight"] <= (1 + v + 1) * 2
-            ctl.set_version(v + 1)
-            _weights(ctl, v + 1)
-            ctl.set_version(v + 1, broadcast_version=v + 1)
+            _advance(ctl, v)
     finally:
-        ctl.finish()
-        th.join(20)
-        ctl.stop()
+        _stop(ctl, th, 20)
     assert spans > 0, "some responses should span a weight change (in-flight update)"
-    deadline = time.time() + 5
-    while buf.accounting()["in_flight"] and time.time() < deadline:
-        time.sleep(0.05)
-    buf.check_accounting()
+    _drained(buf)
 
 
 def test_the_next_lease_joins_the_running_batch():
@@ -380,16 +391,8 @@ def test_an_empty_response_drops_its_group_and_the_run_goes_on():
         for v in range(4):
             groups = buf.take_batch(v, 2, timeout_s=20)
             assert groups is not None and all(len(s.tokens) > 0 for g in groups for s in g.samples)
-            ctl.set_version(v + 1)
-            _weights(ctl, v + 1)
-            ctl.set_version(v + 1, broadcast_version=v + 1)
+            _advance(ctl, v)
     finally:
-        ctl.finish()
-        th.join(10)
-        ctl.stop()
-    deadline = time.time() + 5
-    while buf.accounting()["in_flight"] and time.time() < deadline:
-        time.sleep(0.05)
-    a = buf.accounting()
+        _stop(ctl, th)
+    a = _drained(buf)
     assert a["dropped"].get("empty_response") == 1 and a["trained"] == 8
-    buf.check_accounting()

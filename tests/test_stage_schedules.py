@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -22,18 +21,11 @@ from async_or1.data.source import PromptSource, stage_at
 from async_or1.learner.controller import Controller, uid_of_prompt_id
 from async_or1.transport import messages as m
 from async_or1.transport.inproc import InprocHub
+from test_rollout_loop import Problem
 
 STAGES = [StageConfig(steps=2, max_response_tokens=4, prompts_per_step=2, samples_per_prompt=2),
           StageConfig(steps=2, max_response_tokens=8, prompts_per_step=3, samples_per_prompt=4)]
 TOTAL = 4
-
-
-@dataclass
-class Problem:
-    uid: str
-    prompt: list
-    ability: str = "math"
-    ground_truth: list = None
 
 
 def pps(step: int) -> int:

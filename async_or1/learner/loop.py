@@ -105,17 +105,18 @@ def eval_book(cfg: Any, spec: dict, tokenizer: Any, stop_ids: list) -> Any:
                     decode=lambda toks: response_text(tokenizer, [int(t) for t in toks], stops))
 
 
-def fill_buffer(side: Any, cfg: Any) -> dict:
+def fill_buffer(side: Any, cfg: Any, stop: dict) -> dict | None:
     """The throughput bench's pool measurement (``bench throughput --modes alone``): wait until
     every group of the run is queued before the first step, so the generators work alone first
     (leasing never gated: the bench sets η to the run's length) and the learner then trains on
     ready batches alone. Returns the generators' seconds: in all, and after the first step's
-    groups were queued (start-up left out, as the modes' rates leave out the first step)."""
+    groups were queued (start-up left out, as the modes' rates leave out the first step); None
+    when stopped (SIGTERM) before."""
     t0 = time.perf_counter()
     want = side.buffer.prompts_before(cfg.total_steps)
     first = side.buffer.prompts_before(1)
     t_first = None
-    while True:
+    while not stop["flag"]:
         side.controller._check()
         a = side.buffer.accounting()
         now = time.perf_counter()
@@ -127,6 +128,7 @@ def fill_buffer(side: Any, cfg: Any) -> dict:
             raise SystemExit(f"bench: the generators did not fill the run's {want} groups within "
                              f"buffer.wait_timeout_s={cfg.buffer.wait_timeout_s:.0f} s ({a})")
         time.sleep(0.05)
+    return None
 
 
 def write_finished_evals(side: Any, writer: Any, cfg: Any, run_dir: Path) -> None:
@@ -264,7 +266,7 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
         side.controller.leasing_open = True
     fill_s = None
     if rank == 0 and spec.get("bench", {}).get("pools_alone"):
-        fill_s = fill_buffer(side, cfg)
+        fill_s = fill_buffer(side, cfg, stop)
 
     if rank == 0 and version == 0:
         side.controller.on_stage_start(stage)
