@@ -2,8 +2,8 @@
 
     wait for the step's batch → train → version += 1 → broadcast → log
 
-The same calls on the real controller and buffer, in the same order: ``on_stage_start`` when the
-stage changes (and at version 0), ``take_batch`` (without blocking: the event loop calls ``poke``
+The same calls on the real controller and buffer, in the same order (the controller enters each
+stage itself, when leasing reaches it): ``take_batch`` (without blocking: the event loop calls ``poke``
 whenever a group may have completed the batch), ``set_version`` before a broadcast and
 ``set_version(.., broadcast_version=v)`` after it, ``step_metrics`` / ``gen_idle_frac`` /
 ``take_lease_sizes`` in the log phase, ``finish`` at the end. Train and broadcast take the cost
@@ -50,12 +50,7 @@ class SimLearner:
 
     # ---- wait ---------------------------------------------------------------------------
     def _step(self) -> None:
-        new_stage = self.cfg.stage_at(self.version)[0]
-        if new_stage != self.stage:
-            self.controller.on_stage_start(new_stage)
-            self.stage = new_stage
-        elif self.version == 0:
-            self.controller.on_stage_start(self.stage)
+        self.stage = self.cfg.stage_at(self.version)[0]
         self.waiting = True
         self._t["wait"] = self.now
         version = self.version
