@@ -56,7 +56,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--n", type=int, default=16, help="rollouts per problem")
     f.add_argument("--out", required=True, help="output file (.jsonl or .parquet)")
     f.add_argument("--model-name", default=None, help="key under extra_info.model_difficulty (default: model dir name)")
-    f.add_argument("--max-response-tokens", type=int, default=1024)
+    f.add_argument("--max-response-tokens", type=int, default=None,
+                   help="default: the config's last stage's max_response_tokens")
     f.add_argument("--temperature", type=float, default=1.0)
     f.add_argument("--config", "-c", default=None, help="config whose generator pool samples (engine, devices, "
                    "dtype, rewards; default: configs/cpu-tiny.yaml if present)")
@@ -70,7 +71,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                                                 "(default with a built-in model: its held-out split)")
     p.add_argument("--k", type=int, default=32, help="samples per problem")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-response-tokens", type=int, default=1024)
+    p.add_argument("--max-response-tokens", type=int, default=None,
+                   help="default: the config's eval.max_response_tokens (0: its last stage's)")
     p.add_argument("--out", default=None, help="output directory for samples.jsonl and summary.json")
     p.add_argument("--max-problems", type=int, default=0, help="evaluate the first N problems (0: all)")
     p.add_argument("--seed", type=int, default=0)

@@ -138,7 +138,7 @@ def evaluate_model(cfg: Any, model_path: str, eval_files: list, *, label: str = 
     return res
 
 
-def eval_main(cfg: Any, model: str, data: str | None, k: int, temperature: float, max_response_tokens: int,
+def eval_main(cfg: Any, model: str, data: str | None, k: int, temperature: float, max_response_tokens: int | None,
               out: str | None, max_problems: int, seed: int) -> int:
     """``async-or1 eval``."""
     from async_or1.embedded import BUILTIN_MODELS, ensure_builtin
@@ -163,7 +163,7 @@ def eval_main(cfg: Any, model: str, data: str | None, k: int, temperature: float
 
 
 def filter_main(cfg: Any, model: str, data: str, n: int, out: str, model_name: str | None = None,
-                max_response_tokens: int = 1024, temperature: float = 1.0) -> int:
+                max_response_tokens: int | None = None, temperature: float = 1.0) -> int:
     """``async-or1 data filter``: N rollouts per problem on the generator pool, the correct count
     written into extra_info.model_difficulty[model_name], 0/N and N/N rows dropped (counted)."""
     from collections import Counter
@@ -178,6 +178,7 @@ def filter_main(cfg: Any, model: str, data: str, n: int, out: str, model_name: s
     if n < 1:
         raise DataError(f"async-or1 data filter: --n must be >= 1, got {n}")
     name = model_name or Path(model.rstrip("/")).name
+    max_response_tokens = max_response_tokens or cfg.stages[-1].max_response_tokens
     rows, problems = [], []
     try:
         for i, row in iter_rows(data):
