@@ -192,7 +192,8 @@ def summarize(results: list[dict], threshold: float | None = None) -> dict:
         report["learner_alone_tokens_per_s"] = a["learner_tokens_per_s"]
         report["pool_bound_tokens_per_s"] = bound = min(a["generator_tokens_per_s"], a["learner_tokens_per_s"])
         for r in runs:
-            r["of_pool_bound"] = r["tokens_per_s"] / bound if bound else None
+            if r["mode"] != "alone":       # its own rate is the learner's alone
+                r["of_pool_bound"] = r["tokens_per_s"] / bound if bound else None
     onp = [r for r in runs if r["mode"] == "on-policy"]
     if onp:
         base = onp[0]
