@@ -23,20 +23,19 @@ def run_on_pool(cfg: Any, model_path: str, book: Any, evals: list, work_dir: Pat
     """Run the evaluations ``[(label, step)]`` of ``book`` on generator processes serving
     ``model_path``; returns [(label, step, EvalResult)]. Generator logs in work_dir/logs; a generator
     that dies is restarted (generation.max_restarts) and its prompts are sampled again."""
-    from async_or1.launch import build_spec
+    from async_or1.launch import build_spec, prepare_keys
     from async_or1.launch.local import generator_children
     from async_or1.launch_spec import write_spec
     from async_or1.learner.controller import Controller
-    from async_or1.transport.zmq import ZmqLearnerEndpoint
+    from async_or1.learner.loop import zmq_endpoint
 
     work_dir.mkdir(parents=True, exist_ok=True)
+    prepare_keys(cfg, work_dir)   # the pool's generators authenticate as in a run (fresh keys per pool)
     spec = build_spec(cfg, {"model_path": model_path, "tokenizer_path": cfg.model.tokenizer_path or model_path,
                             "train_files": [], "eval_files": []}, work_dir)
     spec_path = work_dir / "pool.json"
     write_spec(spec_path, spec)
-    endpoint = ZmqLearnerEndpoint(host=cfg.transport.host, port=spec["zmq_port"],
-                                  max_message_bytes=cfg.transport.max_message_mb << 20,
-                                  hwm=cfg.transport.high_water_mark)
+    endpoint = zmq_endpoint(cfg, spec)
     ctl = Controller(endpoint=endpoint, num_generators=cfg.generation.num_generators, evals=book,
                      generator_timeout_s=cfg.transport.generator_timeout_s)
     gens = generator_children(cfg, spec, spec_path, work_dir)
@@ -48,7 +47,7 @@ def run_on_pool(cfg: Any, model_path: str, book: Any, evals: list, work_dir: Pat
             ch.start()
         for label, step in evals:
             ctl.request_eval(label, step, 0)
-        _supervise(ctl, gens, cfg, what)
+        _supervise(ctl, gens, cfg, what, len(book.order), book.k, len(evals))
         return ctl.take_finished_evals()
     finally:
         ctl.finish()
@@ -66,35 +65,37 @@ def run_on_pool(cfg: Any, model_path: str, book: Any, evals: list, work_dir: Pat
         endpoint.close()
 
 
-def _supervise(ctl: Any, gens: list, cfg: Any, what: str) -> None:
-    """Until every evaluation is back: restart dead generators, report progress every 10 s, fail
-    when nothing comes back for buffer.wait_timeout_s."""
-    last_done, since, shown = -1, time.monotonic(), 0.0
-    while True:
-        ctl._check()
-        n, done, total = ctl.evals_unfinished()
-        if n == 0:
-            return
-        now = time.monotonic()
-        if done != last_done:
-            last_done, since = done, now
-        elif now - since > cfg.buffer.wait_timeout_s:
-            raise SystemExit(f"async-or1 {what}: no result for {cfg.buffer.wait_timeout_s:.0f} s ({done}/{total} "
-                             f"problems back); see {gens[0].log_path.parent}")
-        if now - shown >= 10:
-            print(f"async-or1 {what}: {done}/{total} problems", flush=True)
-            shown = now
-        for ch in gens:
-            rc = ch.poll()
-            if rc is None:
-                continue
-            if ch.restarts >= cfg.generation.max_restarts:
-                raise SystemExit(f"async-or1 {what}: {ch.name} died (exit {rc}) {ch.restarts + 1} times. Last log "
-                                 f"lines ({ch.log_path}):\n{ch.tail()}")
-            ch.restarts += 1
-            print(f"async-or1 {what}: {ch.name} died (exit {rc}); restarting it", file=sys.stderr, flush=True)
-            ch.start()
-        time.sleep(0.2)
+def _supervise(ctl: Any, gens: list, cfg: Any, what: str, problems: int, k: int, evals: int) -> None:
+    """Until every evaluation is back: restart dead generators, show progress (a bar in samples),
+    fail when nothing comes back for buffer.wait_timeout_s."""
+    from async_or1.progress import bar
+
+    last_done, since = -1, time.monotonic()
+    with bar(problems * k * evals, f"{what}: {problems} problems x {k}", unit="sample") as pb:
+        while True:
+            ctl._check()
+            n, done, total = ctl.evals_unfinished()
+            back = (evals - n) * problems + done          # problems back, finished evaluations included
+            pb.update((back - pb.n // k) * k)
+            if n == 0:
+                return
+            now = time.monotonic()
+            if done != last_done:
+                last_done, since = done, now
+            elif now - since > cfg.buffer.wait_timeout_s:
+                raise SystemExit(f"async-or1 {what}: no result for {cfg.buffer.wait_timeout_s:.0f} s ({done}/{total} "
+                                 f"problems back); see {gens[0].log_path.parent}")
+            for ch in gens:
+                rc = ch.poll()
+                if rc is None:
+                    continue
+                if ch.restarts >= cfg.generation.max_restarts:
+                    raise SystemExit(f"async-or1 {what}: {ch.name} died (exit {rc}) {ch.restarts + 1} times. Last "
+                                     f"log lines ({ch.log_path}):\n{ch.tail()}")
+                ch.restarts += 1
+                print(f"async-or1 {what}: {ch.name} died (exit {rc}); restarting it", file=sys.stderr, flush=True)
+                ch.start()
+            time.sleep(0.2)
 
 
 def _pool_config(cfg: Any, model_path: str, temperature: float | None, seed: int | None) -> Any:

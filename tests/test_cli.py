@@ -30,12 +30,14 @@ def test_overrides_split_by_options_are_all_taken_in_order():
     assert a.overrides == ["learner.lr=1e-4", "seed=2", "x.y=-1"] and (a.steps, a.repeats) == (3, 2)
     a = parse_args(["doctor", "transport.port=5555", "--config", "F", "name=z"])
     assert a.overrides == ["transport.port=5555", "name=z"] and a.config == "F"
+    a = parse_args(["eval", "--model", "m", "model.dtype=bfloat16", "--k", "2", "generation.num_generators=2"])
+    assert a.overrides == ["model.dtype=bfloat16", "generation.num_generators=2"] and a.k == 2
 
 
 @pytest.mark.parametrize("argv", [
     ["train", "--config", "F", "name=x", "--overwrite", "bogus"],      # not an override, not an option
     ["train", "--dry-run", "a=1", "--no-such-flag"],
-    ["eval", "--model", "m", "a=1"],                                   # eval takes no overrides
+    ["eval", "--model", "m", "a=1", "--no-such-flag"],                 # eval's overrides are its pool's config
     ["plot", "runs/x", "name=y"],
 ])
 def test_leftovers_that_are_not_overrides_are_still_refused(argv, capsys):

@@ -1,5 +1,5 @@
 """Progress wherever a person waits: the bar itself, and evaluation and the difficulty filter
-showing it while the real torch engine samples (a tiny embedded build)."""
+showing it while the real torch engine samples in a generator process (a tiny embedded build)."""
 
 from __future__ import annotations
 
@@ -67,24 +67,34 @@ def _bar_lines(err: str, desc: str) -> list[str]:
     return [line for line in err.replace("\r", "\n").splitlines() if line.startswith(desc)]
 
 
-def test_eval_shows_sampling_and_scoring_progress(tiny, tmp_path, capsys):
-    from async_or1.eval import main
+def _pool_cfg():
+    from pathlib import Path
 
-    assert main(model=str(tiny.model), data=str(tiny.heldout), k=3, temperature=1.0,
-                max_response_tokens=6, out=str(tmp_path / "ev"), workers=1, max_problems=0, seed=0) == 0
+    from async_or1.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    return load_config(root / "configs/cpu-tiny.yaml", ["generation.devices=", "learner.devices=", "rewards.workers=1",
+                                                        "transport.generator_timeout_s=60", "buffer.wait_timeout_s=120"])
+
+
+def test_eval_shows_sampling_progress(tiny, tmp_path, capsys):
+    """Sampling and scoring run in the pool's generator process; the bar counts scored samples."""
+    from async_or1.launch_pool import eval_main
+
+    assert eval_main(_pool_cfg(), model=str(tiny.model), data=str(tiny.heldout), k=3, temperature=1.0,
+                     max_response_tokens=6, out=str(tmp_path / "ev"), max_problems=0, seed=0) == 0
     err = capsys.readouterr().err
     sampling = _bar_lines(err, "eval: 6 problems x 3")
     assert sampling and "18/18" in sampling[-1] and re.search(r"sample/s", sampling[-1]), err
-    assert any("18/18" in line for line in _bar_lines(err, "eval: scoring")), err
     assert json.loads((tmp_path / "ev" / "summary.json").read_text())["problems"] == 6
 
 
 def test_filter_shows_progress_with_counts(tiny, tmp_path, capsys):
-    from async_or1.data.filter_cli import main
+    from async_or1.launch_pool import filter_main
 
-    assert main(model=str(tiny.model), data=str(tiny.train), n=2, out=str(tmp_path / "kept.jsonl"),
-                max_response_tokens=6, workers=1, max_batch_size=4) == 0
+    assert filter_main(_pool_cfg(), model=str(tiny.model), data=str(tiny.train), n=2, out=str(tmp_path / "kept.jsonl"),
+                       max_response_tokens=6) == 0
     cap = capsys.readouterr()
-    lines = _bar_lines(cap.err, "filter:")
-    assert lines and "20/20" in lines[-1] and "0/2 10" in lines[-1], cap.err   # an untrained model: all wrong
-    assert "dropped 10 at 0/2" in cap.out
+    lines = _bar_lines(cap.err, "data filter: 10 problems x 2")
+    assert lines and "20/20" in lines[-1], cap.err
+    assert "dropped 10 at 0/2" in cap.out                                       # an untrained model: all wrong

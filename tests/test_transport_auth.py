@@ -188,12 +188,12 @@ def test_a_killed_generator_is_reported_at_once_and_its_restart_gets_back_in(run
 
 def test_train_checks_given_keys_before_anything_starts(tmp_path):
     from async_or1.config import load_config
-    from async_or1.launch import _prepare_keys
+    from async_or1.launch import prepare_keys
 
     cfg = load_config(None, [f"transport.keys_dir={tmp_path / 'none'}", "generation.num_generators=2"])
     with pytest.raises(SystemExit, match="transport.keys_dir: .*generator-0.key is missing"):
-        _prepare_keys(cfg, tmp_path / "run")
+        prepare_keys(cfg, tmp_path / "run")
     cfg = load_config(None, ["generation.num_generators=2"])
-    _prepare_keys(cfg, tmp_path / "run")       # made fresh for the run, then checked
+    prepare_keys(cfg, tmp_path / "run")       # made fresh for the run, then checked
     assert sorted(p.name for p in (tmp_path / "run" / "keys").iterdir())[:2] == ["generator-0.key",
                                                                                "generator-0.key_secret"]

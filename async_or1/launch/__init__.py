@@ -174,7 +174,7 @@ def run_role(cfg: Any, role: str, generator_id: int | None, resume: bool) -> int
     return worker.main(["--spec", str(spec_path), "--generator-id", str(generator_id)])
 
 
-def _prepare_keys(cfg: Any, run_dir: Path) -> None:
+def prepare_keys(cfg: Any, run_dir: Path) -> None:
     """Fresh CURVE keys in <run_dir>/keys, or the given keys_dir checked, before anything starts."""
     if cfg.transport.kind != "zmq" or not cfg.transport.curve:
         return
@@ -216,7 +216,7 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False, bench: dict |
 
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _prepare_keys(cfg, run_dir)
+    prepare_keys(cfg, run_dir)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
 
     from async_or1.launch_spec import write_spec

@@ -142,7 +142,7 @@ def write_finished_evals(side: Any, writer: Any, cfg: Any, run_dir: Path) -> Non
         writer.write_eval(eval_row(label, step, cfg.eval.k, res), summary_line(label, step, cfg.eval.k, res))
 
 
-def _zmq_endpoint(cfg: Any, spec: dict) -> Any:
+def zmq_endpoint(cfg: Any, spec: dict) -> Any:
     from async_or1.transport.zmq import ZmqLearnerEndpoint
 
     curve = None
@@ -241,7 +241,7 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
 
         tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer_path"])
         side = RolloutSide(cfg, spec, tokenizer, client_state or None,
-                           endpoint if endpoint is not None else _zmq_endpoint(cfg, spec))
+                           endpoint if endpoint is not None else zmq_endpoint(cfg, spec))
         channel = (make_channel or _weight_group)(cfg, spec, side.controller)
         side.controller.set_version(version, broadcast_version=version)
         side.controller.start()
@@ -268,8 +268,6 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
     if rank == 0 and spec.get("bench", {}).get("pools_alone"):
         fill_s = fill_buffer(side, cfg, stop)
 
-    if rank == 0 and version == 0:
-        side.controller.on_stage_start(stage)
     total = cfg.total_steps
     saved_version = version
     t_start = time.time()
