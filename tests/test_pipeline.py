@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -121,11 +122,12 @@ def _prompt_lengths(tiny: Path) -> list[int]:
 def test_inprocess_loop_trains_and_broadcasts(tiny, tmp_path):
     lengths = _prompt_lengths(tiny)
     limit = sorted(lengths)[len(lengths) // 2]      # about half the prompts are too long
-    _train(_overrides(tiny, tmp_path, "inproc", **{"transport.kind": "inproc", "learner.devices": "",
-                                                    "buffer.max_staleness": 1, "data.max_prompt_tokens": limit,
-                                                    "generation.devices": "", "data.eval_files": str(tiny / "train.jsonl"),
-                                                    "eval.at_start_and_end": "true", "eval.every_steps": 1,
-                                                    "eval.k": 2, "eval.max_problems": 3}))
+    p = _train(_overrides(tiny, tmp_path, "inproc", **{"transport.kind": "inproc", "learner.devices": "",
+                                                        "buffer.max_staleness": 1, "data.max_prompt_tokens": limit,
+                                                        "generation.devices": "",
+                                                        "data.eval_files": str(tiny / "train.jsonl"),
+                                                        "eval.at_start_and_end": "true", "eval.every_steps": 1,
+                                                        "eval.k": 2, "eval.max_problems": 3}))
     run = tmp_path / "inproc"
     summ = _check_run(run, steps=3, generators=1, max_staleness=1)
     assert summ["accounting"]["trained"] == 6
@@ -144,6 +146,10 @@ def test_inprocess_loop_trains_and_broadcasts(tiny, tmp_path):
     assert not (run / "snapshots").exists()                            # no copy of the model is written for it
     summ = json.loads((run / "summary.json").read_text())
     assert summ["eval_before"]["avg_at_k"] == by["before"]["avg_at_k"]
+    held_before = by["before"]["problems"]
+    for what in ("before", "after"):   # a bar in scored samples while the learner waits for them
+        n = 2 * held_before
+        assert re.search(rf"eval \({what}\): {held_before} problems x 2: .*{n}/{n}", p.stdout), p.stdout
 
 
 @pytest.mark.slow

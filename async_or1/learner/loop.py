@@ -131,6 +131,20 @@ def fill_buffer(side: Any, cfg: Any, stop: dict) -> dict | None:
     return None
 
 
+def wait_for_evals(side: Any, cfg: Any, what: str) -> None:
+    """Block until the requested evaluations are back, with a bar on stdout (the terminal for
+    rank 0; its stderr is the log) counting scored samples."""
+    from async_or1.progress import bar
+
+    k = cfg.eval.k
+    _, _, problems = side.controller.evals_unfinished()
+    with bar(problems * k, f"eval ({what}): {problems} problems x {k}", unit="sample", file=sys.stdout) as pb:
+        # progress() counts unfinished evaluations only: a finished one leaves it, hence max(0, …)
+        side.controller.wait_for_evals(cfg.buffer.wait_timeout_s,
+                                       on_progress=lambda done, _t: pb.update(max(0, done * k - pb.n)))
+        pb.update(pb.total - pb.n)
+
+
 def write_finished_evals(side: Any, writer: Any, cfg: Any, run_dir: Path) -> None:
     """Rows and samples of every evaluation that finished since the last call."""
     from async_or1.eval import eval_row, summary_line, write_outputs
@@ -260,7 +274,7 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
     if evals_on and cfg.eval.at_start_and_end and not resume:
         # Before any training lease: every token of this evaluation comes from the initial weights.
         side.controller.request_eval("before", version, version)
-        side.controller.wait_for_evals(cfg.buffer.wait_timeout_s)
+        wait_for_evals(side, cfg, "before")
         write_finished_evals(side, writer, cfg, run_dir)
     if rank == 0:
         side.controller.leasing_open = True
@@ -375,7 +389,7 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
     engine.save_hf(run_dir / "final", tokenizer=tokenizer)
     if evals_on:
         if version == total:
-            side.controller.wait_for_evals(cfg.buffer.wait_timeout_s)
+            wait_for_evals(side, cfg, "after")
         write_finished_evals(side, writer, cfg, run_dir)
         n, _, _ = side.controller.evals_unfinished()
         if n:
