@@ -276,7 +276,8 @@ def run(cluster: dict, cfg: Any, inputs: dict, run_dir: Path, resume: bool) -> i
         paths = [str(spec_path), inputs["model_path"], *inputs["train_files"]]
         sandbox = ({"config": spec["config"], "train_files": inputs["train_files"]}
                    if "code" in cfg.data.abilities else None)
-        problems = [p for p in ray.get([a.check.remote(paths, None) for a in learners]
+        # Learner rank 0 reads the held-out rows too: the evaluations are its eval leases.
+        problems = [p for p in ray.get([a.check.remote(paths + list(inputs["eval_files"]), None) for a in learners]
                                        + [a.check.remote(paths, sandbox) for a in gens]) if p]
         if problems:
             raise SystemExit("async-or1: refusing to start: " + "; ".join(sorted(set(problems))))
