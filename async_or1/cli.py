@@ -110,8 +110,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--repeats", type=int, default=2, help="interleaved rounds (seed + round); a difference "
                                                           "within the spread across rounds is reported as none")
     s.add_argument("--no-ablation", action="store_true", help="skip the (N_SGD, N_reuse) = (4, 1), (1, 2) cells")
-    s.add_argument("--eval-every", type=int, default=0, help="held-out avg@k every N steps too (snapshots, "
-                                                             "evaluated after each run); 0: after the run only")
+    s.add_argument("--eval-every", type=int, default=0, help="held-out avg@k every N steps too (eval leases "
+                                                             "on the run's generators); 0: after the run only")
     s.add_argument("--out", default="bench/results/staleness.json")
     s.add_argument("--resume", action="store_true", help="reuse the runs an interrupted invocation (same config, "
                                                          "steps and overrides) recorded in OUT's .runs.jsonl")

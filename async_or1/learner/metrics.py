@@ -76,7 +76,7 @@ class MetricsWriter:
 
     def write_eval(self, row: dict, line: str) -> None:
         """An evaluation row (``"eval": true``, its ``step`` the version evaluated) and its line."""
-        self._f.write(json.dumps(_clean(row)) + "\n")
+        self._f.write(json.dumps(finite_json(row)) + "\n")
         self._f.flush()
         if self._tb is not None:
             self._tb.add_scalar("eval/avg_at_k", row["avg_at_k"], row["step"])
