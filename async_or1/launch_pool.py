@@ -29,6 +29,10 @@ def run_on_pool(cfg: Any, model_path: str, book: Any, evals: list, work_dir: Pat
     from async_or1.learner.controller import Controller
     from async_or1.learner.loop import zmq_endpoint
 
+    import dataclasses
+
+    # The pool is generator processes over ZeroMQ whatever the run's transport (an inproc run's too).
+    cfg = dataclasses.replace(cfg, transport=dataclasses.replace(cfg.transport, kind="zmq"))
     work_dir.mkdir(parents=True, exist_ok=True)
     prepare_keys(cfg, work_dir)   # the pool's generators authenticate as in a run (fresh keys per pool)
     spec = build_spec(cfg, {"model_path": model_path, "tokenizer_path": cfg.model.tokenizer_path or model_path,
