@@ -16,7 +16,8 @@ round there is no spread and the verdict is "unknown".
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,23 +40,54 @@ class Cell:
     correction: str
     mini_batches: int = 1
     passes: int = 1
+    lr: float | None = None  # learner.lr; None: the config's
+    # A hypothesis test beyond the grid (--cell): a tag and the overrides that make it; its baseline is
+    # the same cell without them.
+    tag: str = ""
+    extra: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
-        return f"eta{self.max_staleness}-{self.correction}-sgd{self.mini_batches}-reuse{self.passes}"
+        return (f"eta{self.max_staleness}-{self.correction}-sgd{self.mini_batches}-reuse{self.passes}"
+                + (f"-lr{self.lr:g}" if self.lr is not None else "") + (f"-{self.tag}" if self.tag else ""))
 
     def overrides(self) -> list[str]:
         return ["mode=async", f"buffer.max_staleness={self.max_staleness}", f"algo.correction={self.correction}",
-                f"learner.mini_batches_per_step={self.mini_batches}", f"learner.passes_per_batch={self.passes}"]
+                f"learner.mini_batches_per_step={self.mini_batches}", f"learner.passes_per_batch={self.passes}",
+                *([f"learner.lr={self.lr!r}"] if self.lr is not None else []), *self.extra]
+
+    def baseline(self, max_staleness: list[int], corrections: list[str]) -> Cell:
+        """What this cell is compared with: a tagged cell with itself untagged; an ablation cell with
+        (1, 1) at η = 0 'none'; a grid cell with the first η and correction; always at the same lr."""
+        if self.tag:
+            return replace(self, tag="", extra=())
+        if (self.mini_batches, self.passes) != (1, 1):
+            return Cell(0, "none", lr=self.lr)
+        return Cell(max_staleness[0], corrections[0], lr=self.lr)
 
 
-def make_cells(max_staleness: list[int], corrections: list[str], ablation: bool) -> list[Cell]:
-    """The grid, then the ablation cells it does not already hold (its (1, 1) is the grid's η = 0 'none'
-    cell when the grid has one)."""
-    cells = [Cell(e, c) for e in max_staleness for c in corrections]
+def make_cells(max_staleness: list[int], corrections: list[str], ablation: bool,
+               lrs: list[float | None] = (None,), tagged: list[Cell] = ()) -> list[Cell]:
+    """The grid (η × correction × lr), then the ablation cells it does not already hold (its (1, 1) is
+    the grid's η = 0 'none' cell when the grid has one), at every lr, then the tagged cells."""
+    cells = [Cell(e, c, lr=lr) for lr in lrs for e in max_staleness for c in corrections]
     if ablation:
-        cells += [c for c in (Cell(0, "none", n, r) for n, r in ABLATION) if c not in cells]
-    return cells
+        cells += [c for lr in lrs for c in (Cell(0, "none", n, r, lr=lr) for n, r in ABLATION) if c not in cells]
+    return cells + [c for c in tagged if c not in cells]
+
+
+def parse_tagged(spec: str) -> Cell:
+    """``TAG:ETA:LR:OVERRIDE,OVERRIDE…`` (LR may be empty: the config's) → a tagged cell with correction
+    'none', e.g. ``noclip:2:3e-4:algo.clip_low=0.999,algo.clip_high=1000``."""
+    parts = spec.split(":", 3)
+    if len(parts) != 4 or not parts[0] or not re.fullmatch(r"[A-Za-z0-9_.-]+", parts[0]):
+        raise SystemExit(f"--cell {spec!r}: expected TAG:ETA:LR:OVERRIDE,OVERRIDE (TAG letters, digits, _ . -)")
+    tag, eta, lr, extra = parts
+    try:
+        return Cell(int(eta), "none", lr=float(lr) if lr else None, tag=tag,
+                    extra=tuple(o for o in extra.split(",") if o))
+    except ValueError:
+        raise SystemExit(f"--cell {spec!r}: ETA must be an integer and LR a number") from None
 
 
 def run_summary(rows: list[dict], heldout_before: float = float("nan")) -> dict[str, Any]:
@@ -109,8 +141,7 @@ def summarize(results: list[dict], cells: list[Cell], max_staleness: list[int], 
     for c in cells:
         rs = by[c.name]
         finals = {k: [r["final"][k] for r in rs] for k in FINAL_KEYS}
-        ablation = (c.mini_batches, c.passes) != (1, 1)
-        base = Cell(0, "none") if ablation else Cell(max_staleness[0], corrections[0])
+        base = c.baseline(max_staleness, corrections)
         base_rs = by.get(base.name, [])
         n = min(len(r["curves"]["step"]) for r in rs)
         mean_curves = {k: [_nanmean([r["curves"][k][i] for r in rs]) for i in range(n)]
@@ -118,7 +149,8 @@ def summarize(results: list[dict], cells: list[Cell], max_staleness: list[int], 
         mean_curves["heldout"] = [[s, _nanmean([dict(map(tuple, r["curves"]["heldout"])).get(s) for r in rs])]
                                   for s, _ in rs[0]["curves"]["heldout"]]
         out.append({"cell": c.name, "max_staleness": c.max_staleness, "correction": c.correction,
-                    "mini_batches_per_step": c.mini_batches, "passes_per_batch": c.passes, "repeats": len(rs),
+                    "mini_batches_per_step": c.mini_batches, "passes_per_batch": c.passes, "lr": c.lr,
+                    "tag": c.tag, "overrides": list(c.extra), "repeats": len(rs),
                     "baseline": base.name,
                     "final": {k: {"mean": _nanmean(v), "spread": _spread(v), "values": v} for k, v in finals.items()},
                     "vs_baseline": {k: verdict(finals[k], [r["final"][k] for r in base_rs])
@@ -140,7 +172,8 @@ def _spread(v: list) -> float:
 
 
 def main(config: str, max_staleness: str, corrections: str, steps: int, repeats: int, out: str,
-         ablation: bool = True, eval_every: int = 0, overrides: list[str] | None = None, resume: bool = False) -> int:
+         ablation: bool = True, eval_every: int = 0, overrides: list[str] | None = None, resume: bool = False,
+         lrs: str = "", tagged: list[str] | None = None) -> int:
     from async_or1.algo.corrections import CORRECTIONS
     from async_or1.bench_runs import cell_config, evaluate, interleaved, read_rows, run_cell
     from async_or1.learner.metrics import finite_json
@@ -151,7 +184,11 @@ def main(config: str, max_staleness: str, corrections: str, steps: int, repeats:
     if bad or not corrs or not etas or min(etas) < 0:
         raise SystemExit(f"--corrections must be among {', '.join(CORRECTIONS)} and --max-staleness integers "
                          f">= 0 (got {corrections!r}, {max_staleness!r})")
-    cells = make_cells(etas, corrs, ablation)
+    try:
+        lr_list = [float(x) for x in lrs.split(",") if x.strip()] or [None]
+    except ValueError:
+        raise SystemExit(f"--lrs must be a comma list of numbers (got {lrs!r})") from None
+    cells = make_cells(etas, corrs, ablation, lr_list, [parse_tagged(t) for t in tagged or []])
     extra = list(overrides or []) + ([f"eval.every_steps={eval_every}"] if eval_every else [])
     for c in cells:  # every cell's config is checked before the first run starts
         cell_config(config, extra + c.overrides(), c.name, OUT_DIR, steps, 0)
@@ -189,11 +226,13 @@ def main(config: str, max_staleness: str, corrections: str, steps: int, repeats:
               f"staleness {f['staleness_mean']:.2f}, ESS {f['is_ess_mean']:.3f}, {wall:.0f} s training", flush=True)
     report = summarize(results, cells, etas, corrs)
     report.update({"config": config, "steps": steps, "repeats": repeats, "overrides": list(overrides or []),
-                   "max_staleness": etas, "corrections": corrs, "last_steps": LAST})
+                   "max_staleness": etas, "corrections": corrs, "lrs": lr_list, "last_steps": LAST})
     out_path.write_text(json.dumps(finite_json(report), indent=1))
-    from async_or1.plots import plot_staleness_study
+    from async_or1.plots import plot_lr_sweep, plot_staleness_study
 
     plot_staleness_study(report, out_path.with_suffix(".png"))
+    if len(lr_list) > 1 or any(c.tag for c in cells):
+        plot_lr_sweep(report, out_path.with_name(out_path.stem + "-lr.png"))
     for line in one_lines(report):
         print(line)
     return 0

@@ -109,6 +109,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--steps", type=int, default=40, help="training steps per run")
     s.add_argument("--repeats", type=int, default=2, help="interleaved rounds (seed + round); a difference "
                                                           "within the spread across rounds is reported as none")
+    s.add_argument("--lrs", default="", help="comma list of learner.lr values: the grid at each (default: the "
+                                              "config's lr)")
+    s.add_argument("--cell", action="append", default=[], metavar="TAG:ETA:LR:OVERRIDES",
+                   help="a hypothesis test beyond the grid, compared with the same cell without its overrides "
+                        "(correction 'none'; LR empty: the config's), e.g. "
+                        "noclip:2:3e-4:algo.clip_low=0.999,algo.clip_high=1000; repeatable")
     s.add_argument("--no-ablation", action="store_true", help="skip the (N_SGD, N_reuse) = (4, 1), (1, 2) cells")
     s.add_argument("--eval-every", type=int, default=0, help="held-out avg@k every N steps too (eval leases "
                                                              "on the run's generators); 0: after the run only")
@@ -267,7 +273,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         return staleness(config=args.config, max_staleness=args.max_staleness, corrections=args.corrections,
                          steps=args.steps, repeats=args.repeats, out=args.out, ablation=not args.no_ablation,
-                         eval_every=args.eval_every, overrides=args.overrides, resume=args.resume)
+                         eval_every=args.eval_every, overrides=args.overrides, resume=args.resume,
+                         lrs=args.lrs, tagged=args.cell)
     from async_or1.bench_throughput import main
 
     return main(config=args.config, modes=args.modes, max_staleness=args.max_staleness, steps=args.steps,

@@ -272,6 +272,9 @@ def plot_staleness_study(report: dict, out_png: str | Path) -> Path:
 
     cells = report["cells"]
     corrs, etas = report["corrections"], report["max_staleness"]
+    # the first lr's untagged cells (bench staleness --lrs and --cell have their own figure: plot_lr_sweep)
+    lr0 = (report.get("lrs") or [None])[0]
+    cells = [c for c in cells if c.get("lr") == lr0 and not c.get("tag")]
     grid = {(c["max_staleness"], c["correction"]): c for c in cells
             if (c["mini_batches_per_step"], c["passes_per_batch"]) == (1, 1)}
     cmap = plt.get_cmap("viridis")
@@ -327,6 +330,76 @@ def plot_staleness_study(report: dict, out_png: str | Path) -> Path:
     fig.savefig(out_png, dpi=80)
     plt.close(fig)
     return Path(out_png)
+
+
+def plot_lr_sweep(report: dict, out_png: str | Path) -> Path:
+    """``bench staleness --lrs`` (and its ``--cell`` tests) in one PNG. One column per lr (lines: η, and
+    each tagged cell dashed): sampled reward vs step and vs wall time (5-step moving average of the
+    mean over rounds, band: min-max over rounds), entropy, clip fraction; the last column: final reward
+    and held-out avg@k vs lr per η (bars: min-max over rounds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cells = [c for c in report["cells"] if (c["mini_batches_per_step"], c["passes_per_batch"]) == (1, 1)
+             and c["correction"] == report["corrections"][0]]
+    lrs, etas = report["lrs"], report["max_staleness"]
+    runs = {}
+    for r in report.get("raw", []):
+        runs.setdefault(r["cell"], []).append(r["curves"])
+    cmap = plt.get_cmap("viridis")
+    color = {e: cmap(i / max(len(etas) - 1, 1)) for i, e in enumerate(etas)}
+    ncol = len(lrs) + 1
+    fig, axes = plt.subplots(4, ncol, figsize=(4.6 * ncol, 14), squeeze=False)
+    rows = (("reward_mean_sampled", "step", "sampled reward (5-step avg)"),
+            ("reward_mean_sampled", "time_s", "sampled reward (5-step avg)"),
+            ("entropy", "step", "entropy (nats/token)"), ("clip_frac", "step", "clipped token fraction"))
+    for j, lr in enumerate(lrs):
+        for i, (key, x, ylabel) in enumerate(rows):
+            ax = axes[i, j]
+            for c in (c for c in cells if c["lr"] == lr):
+                curves = runs.get(c["cell"], [])
+                if not curves:
+                    continue
+                n = min(len(cv["step"]) for cv in curves)
+                ys = np.array([_curve(cv, key)[:n] for cv in curves], dtype=float)  # [rounds, steps]
+                if key == "reward_mean_sampled":
+                    ys = np.array([_moving_average(list(y)) for y in ys])
+                xs = np.mean([cv[x][:n] for cv in curves], axis=0)
+                style = "--" if c["tag"] else "-"
+                label = f"η={c['max_staleness']}" + (f" {c['tag']}" if c["tag"] else "")
+                ax.plot(xs, np.nanmean(ys, axis=0), style, color=color.get(c["max_staleness"], "k"), label=label)
+                if len(curves) > 1:
+                    ax.fill_between(xs, np.nanmin(ys, axis=0), np.nanmax(ys, axis=0),
+                                    color=color.get(c["max_staleness"], "k"), alpha=0.15)
+            ax.set(title=f"lr {lr:g}: {ylabel}" if lr is not None else ylabel,
+                   xlabel="training step" if x == "step" else "wall time (s)", ylabel=ylabel)
+            ax.legend(fontsize=7)
+    for ax, key, title in ((axes[0, -1], "reward_last", f"sampled reward, last {report.get('last_steps', 10)} steps"),
+                           (axes[1, -1], "heldout_after", "held-out avg@k after training")):
+        for k, e in enumerate(etas):
+            pts = [(j, c["final"][key]) for j, lr in enumerate(lrs) for c in cells
+                   if c["lr"] == lr and c["max_staleness"] == e and not c["tag"]]
+            _errorbars(ax, [p[0] + 0.08 * (k - len(etas) / 2) for p in pts], [p[1] for p in pts], f"η={e}")
+        ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
+        ax.set(title=title, xlabel="learner.lr", ylabel=key)
+        ax.legend(fontsize=7)
+    for ax in axes[2:, -1]:
+        ax.axis("off")
+    fig.suptitle(f"lr sweep: {report.get('config')}, {report.get('steps')} steps × {report.get('repeats')} rounds "
+                 "(lines: mean over rounds; bands and bars: min-max)")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=80)
+    plt.close(fig)
+    return Path(out_png)
+
+
+def _curve(curves: dict, key: str) -> list:
+    if key == "clip_frac":
+        return [(a or 0.0) + (b or 0.0) for a, b in zip(curves["clip_frac_low"], curves["clip_frac_high"])]
+    return [float("nan") if v is None else v for v in curves[key]]
 
 
 def _errorbars(ax: Any, xs: list, stats: list[dict], label: str) -> None:

@@ -137,3 +137,45 @@ def test_resume_ledger_round_trip_and_mismatch(tmp_path):
     with pytest.raises(SystemExit, match="was written for"):
         _read_ledger(ledger, "configs/cpu-tiny.yaml", 30, ["eval.max_problems=100"])
     assert _read_ledger(tmp_path / "none.jsonl", "x", 1, []) == ({}, {})
+
+
+def test_lr_axis_and_tagged_cells_compare_at_the_same_lr(tmp_path):
+    from async_or1.bench_staleness import parse_tagged
+    from async_or1.plots import plot_lr_sweep
+
+    noclip = parse_tagged("noclip:2:3e-4:algo.clip_low=0.999,algo.clip_high=1000")
+    assert noclip == Cell(2, "none", lr=3e-4, tag="noclip", extra=("algo.clip_low=0.999", "algo.clip_high=1000"))
+    assert noclip.overrides()[-3:] == ["learner.lr=0.0003", "algo.clip_low=0.999", "algo.clip_high=1000"]
+    assert parse_tagged("x:1::a=1").lr is None
+    for bad in ("noclip:2:3e-4", "no clip:2::a=1", "t:two::a=1", "t:1:fast:a=1"):
+        with pytest.raises(SystemExit, match="--cell"):
+            parse_tagged(bad)
+    cells = make_cells([0, 2], ["none"], ablation=False, lrs=[1e-4, 3e-4], tagged=[noclip])
+    assert [c.name for c in cells] == ["eta0-none-sgd1-reuse1-lr0.0001", "eta2-none-sgd1-reuse1-lr0.0001",
+                                       "eta0-none-sgd1-reuse1-lr0.0003", "eta2-none-sgd1-reuse1-lr0.0003",
+                                       "eta2-none-sgd1-reuse1-lr0.0003-noclip"]
+    # a grid cell is compared with η = 0 at its own lr; the tagged cell with itself untagged
+    assert [c.baseline([0, 2], ["none"]).name for c in cells] == [
+        "eta0-none-sgd1-reuse1-lr0.0001", "eta0-none-sgd1-reuse1-lr0.0001", "eta0-none-sgd1-reuse1-lr0.0003",
+        "eta0-none-sgd1-reuse1-lr0.0003", "eta2-none-sgd1-reuse1-lr0.0003"]
+    # without --lrs the names (and so old ledgers) are unchanged
+    assert make_cells([0], ["none"], ablation=False) == [Cell(0, "none")]
+    rewards = {cells[0].name: (0.40, 0.42), cells[1].name: (0.50, 0.52), cells[2].name: (0.20, 0.30),
+               cells[3].name: (0.55, 0.56), cells[4].name: (0.20, 0.22)}
+    results = [{"cell": c.name, "repeat": r, **run_summary(_rows(rewards[c.name][r], 0.1))}
+               for c in cells for r in range(2)]
+    rep = summarize(results, cells, [0, 2], ["none"])
+    by = {c["cell"]: c for c in rep["cells"]}
+    # lr 1e-4: η=2 − η=0 = +0.10 > noise 0.02 → higher; lr 3e-4: +0.305 > 0.10 → higher;
+    # noclip vs its clipped twin: 0.21 − 0.555 = −0.345 → lower
+    assert by[cells[1].name]["vs_baseline"]["reward_last"] == {"diff": pytest.approx(0.10),
+                                                               "noise": pytest.approx(0.02), "verdict": "higher"}
+    assert by[cells[3].name]["vs_baseline"]["reward_last"]["diff"] == pytest.approx(0.305)
+    assert by[cells[4].name]["vs_baseline"]["reward_last"]["verdict"] == "lower"
+    assert by[cells[4].name]["lr"] == 3e-4 and by[cells[4].name]["tag"] == "noclip"
+    rep.update({"corrections": ["none"], "max_staleness": [0, 2], "lrs": [1e-4, 3e-4], "config": "x",
+                "steps": 12, "repeats": 2})
+    from PIL import Image
+
+    im = Image.open(plot_lr_sweep(rep, tmp_path / "lr.png"))
+    assert im.size[0] > 700 and len(set(im.convert("L").getdata())) > 20
