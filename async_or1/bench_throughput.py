@@ -11,11 +11,17 @@ A pipeline cannot beat its slower stage, so every mode is reported as a fraction
 min(generator-alone, learner-alone). The older figure, the on-policy run's phase times put into
 ``(T_gen + T_train) / max(T_gen, T_train)``, is kept as the "overlap estimate": it is not a
 ceiling (async overlaps the refill rounds and round trips that on-policy pays every step).
+
+Time-to-reward depends on the learning rate, and the best lr differs between modes (on the embedded
+task on-policy needs a smaller one: README). With ``--lr-from SWEEP`` (an ``async-or1 bench staleness
+--lrs`` report) each mode also runs at the lr where it learned best in the sweep; the report keeps
+the same-lr rows and the own-best-lr rows apart and says which is which.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +92,17 @@ def time_to_reward(curve: list, threshold: float, window: int = 3) -> float | No
     return float(t[hit[0] + w - 1]) if len(hit) else None
 
 
+def rounds_to_reward(curves: list[list], threshold: float | None) -> dict:
+    """Every round's wall seconds to ``threshold`` (5-step moving average; None: not reached), their
+    mean — None when a round never reached it: the mean would be shorter than the truth, not unknown —
+    and their min-max."""
+    ts = [time_to_reward(c, threshold, window=5) if threshold is not None else None for c in curves]
+    got = [t for t in ts if t is not None]
+    return {"time_to_reward_rounds_s": ts,
+            "time_to_reward_s": float(np.mean(got)) if got and len(got) == len(ts) else None,
+            "time_to_reward_range_s": [min(got), max(got)] if got else None}
+
+
 def auto_threshold(curves: list[list], frac: float = 0.75, window: int = 5) -> float | None:
     """A reward level every run reaches: ``frac`` of the way from where the runs start (mean of
     their first ``window`` rewards) to where the weakest run ends (its last ``window``). None if
@@ -95,6 +112,58 @@ def auto_threshold(curves: list[list], frac: float = 0.75, window: int = 5) -> f
     start = float(np.mean([np.mean([x[1] for x in c[:window]]) for c in curves]))
     end = float(min(np.mean([x[1] for x in c[-window:]]) for c in curves))
     return start + frac * (end - start) if end > start else None
+
+
+LR_CRITERION = "reward_last"  # the sweep's final sampled reward (last 10 steps, mean over rounds)
+
+
+@dataclass(frozen=True)
+class Variant:
+    mode: str
+    max_staleness: int
+    lr: float | None = None  # None: the config's learner.lr
+    same_lr: bool = True     # a row of the same-lr comparison
+    own_lr: bool = False     # a row of the own-best-lr comparison (--lr-from)
+
+    @property
+    def label(self) -> str:
+        return f"{self.mode} η={self.max_staleness}" + (f" lr {self.lr:g}" if self.lr is not None else "")
+
+
+def best_lrs(sweep: dict, etas: list[int], path: str = "") -> dict[int, dict]:
+    """Per η, the lr whose untagged (N_SGD, N_reuse) = (1, 1) cell of the first correction ended with the
+    highest sampled reward in an ``async-or1 bench staleness --lrs`` report, with every lr's value."""
+    corr = sweep["corrections"][0]
+    out = {}
+    for e in etas:
+        cells = [c for c in sweep["cells"] if c["max_staleness"] == e and c["correction"] == corr
+                 and not c.get("tag") and (c["mini_batches_per_step"], c["passes_per_batch"]) == (1, 1)
+                 and c.get("lr") is not None and c["final"][LR_CRITERION]["mean"] is not None]
+        if not cells:
+            raise SystemExit(f"--lr-from {path}: no lr-swept cell with max_staleness {e} (correction {corr}); "
+                             f"sweep it with async-or1 bench staleness --max-staleness {e} --lrs ...")
+        best = max(cells, key=lambda c: c["final"][LR_CRITERION]["mean"])
+        out[e] = {"lr": best["lr"], "criterion": LR_CRITERION, "repeats": best["repeats"],
+                  "values": {f"{c['lr']:g}": c["final"][LR_CRITERION]["mean"] for c in cells}}
+    return out
+
+
+def make_variants(modes: str, max_staleness: str, steps: int, config_lr: float,
+                  tuned: dict[int, dict] | None) -> list[Variant]:
+    """Every mode at the config's lr; with ``tuned`` (best_lrs) also on-policy and each async η at its own
+    best lr, the same run serving both rows where the two lrs agree (``alone`` measures pools, not
+    learning: the config's lr only)."""
+    base = _variants(modes, max_staleness, steps)
+    if tuned is None:
+        return [Variant(m, e) for m, e in base]
+    out = []
+    for m, e in base:
+        own = tuned[e]["lr"] if m != "alone" else config_lr
+        if own == config_lr:
+            out.append(Variant(m, e, config_lr, same_lr=True, own_lr=m != "alone"))
+        else:
+            out += [Variant(m, e, config_lr), Variant(m, e, own, same_lr=False, own_lr=True)]
+    return out
 
 
 def _variants(modes: str, max_staleness: str, steps: int) -> list[tuple[str, int]]:
@@ -112,28 +181,36 @@ def _variants(modes: str, max_staleness: str, steps: int) -> list[tuple[str, int
 
 
 def main(config: str, modes: str, max_staleness: str, steps: int, repeats: int, out: str,
-         overrides: list[str] | None = None, reward_threshold: float | None = None) -> int:
+         overrides: list[str] | None = None, reward_threshold: float | None = None, lr_from: str | None = None) -> int:
     from async_or1.bench_runs import cell_config, interleaved, run_cell
     from async_or1.progress import bar
 
-    variants = _variants(modes, max_staleness, steps)
+    tuned = None
+    if lr_from:
+        etas = {e for m, e in _variants(modes, max_staleness, steps) if m != "alone"}
+        tuned = best_lrs(json.loads(Path(lr_from).read_text()), sorted(etas), lr_from)
+    config_lr = cell_config(config, list(overrides or []), "bench-lr", "runs/bench", steps, 0).learner.lr
+    variants = make_variants(modes, max_staleness, steps, config_lr, tuned)
     results = []
     # one line per run: the learner's per-step lines share the terminal, a bar drawn in place would tear
     pb = bar(repeats * len(variants), "bench: runs", unit="run", lines=True)
-    for rep, (mode, eta) in interleaved(variants, repeats):
+    for rep, v in interleaved(variants, repeats):
+        mode, eta = v.mode, v.max_staleness
+        lr_tag = f"-lr{v.lr:g}" if v.lr is not None else ""
         cfg = cell_config(config, list(overrides or []) + [f"mode={'async' if mode == 'alone' else mode}",
-                                                           f"buffer.max_staleness={eta}", "eval.every_steps=0"],
-                          f"bench-{mode}-eta{eta}-r{rep}", "runs/bench", steps, rep)
+                                                           f"buffer.max_staleness={eta}", "eval.every_steps=0"]
+                          + ([f"learner.lr={v.lr!r}"] if v.lr is not None else []),
+                          f"bench-{mode}-eta{eta}{lr_tag}-r{rep}", "runs/bench", steps, rep)
         rows, wall = run_cell(cfg, bench={"pools_alone": mode == "alone"})
         learner = json.loads((cfg.run_dir / "learner_summary.json").read_text())
         summ = {**run_summary(rows), **ledger_summary(learner["accounting"])}
         if mode == "alone":
             summ.update(pools_alone(rows, learner["pools_alone"]["after_first_step_s"]))
-        results.append({"mode": mode, "max_staleness": eta, "repeat": rep, "seed": cfg.seed, "wall_s": wall,
-                        **summ})
+        results.append({"mode": mode, "max_staleness": eta, "lr": cfg.learner.lr, "same_lr": v.same_lr,
+                        "own_lr": v.own_lr, "repeat": rep, "seed": cfg.seed, "wall_s": wall, **summ})
         alone = (f", generators alone {summ['generator_tokens_per_s']:.0f} tok/s, learner alone "
                  f"{summ['learner_tokens_per_s']:.0f} tok/s" if mode == "alone" else "")
-        print(f"bench: {mode} η={eta} round {rep}: {summ['tokens_per_s']:.0f} tok/s{alone}, "
+        print(f"bench: {v.label} round {rep}: {summ['tokens_per_s']:.0f} tok/s{alone}, "
               f"{summ['steps_per_s']:.3f} steps/s, gen idle {summ['gen_idle_frac']:.0%}, "
               f"learner idle {summ['learner_idle_frac']:.0%} (waited in {summ['wait_steps_frac']:.0%} of steps), "
               f"{summ['leases_per_step']:.1f} leases/step of {summ['lease_prompts_mean']:.1f} prompts, "
@@ -142,9 +219,8 @@ def main(config: str, modes: str, max_staleness: str, steps: int, repeats: int, 
         pb.update(1)
     pb.close()
     report = summarize(results, reward_threshold)
-    report["config"] = config
-    report["steps"] = steps
-    report["overrides"] = list(overrides or [])
+    report.update({"config": config, "steps": steps, "overrides": list(overrides or []), "config_lr": config_lr,
+                   "lr_from": lr_from, "own_lrs": {str(e): t for e, t in (tuned or {}).items()}})
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(report, indent=1))
@@ -154,7 +230,8 @@ def main(config: str, modes: str, max_staleness: str, steps: int, repeats: int, 
         plot_throughput(out_path, out_path.with_suffix(".png"))
     except ImportError:
         pass
-    print(one_line(report))
+    for line in [one_line(report), *time_lines(report)]:
+        print(line)
     return 0
 
 
@@ -171,19 +248,24 @@ _AVERAGED = ("tokens_per_s", "steps_per_s", "gen_idle_frac", "learner_idle_frac"
 
 
 def summarize(results: list[dict], threshold: float | None = None) -> dict:
-    """Average repeats per variant; the pool ceiling from the ``alone`` run and each mode's fraction
-    of it; the overlap estimate from on-policy phase times and the ratios against on-policy; the
-    wall time to reach ``threshold`` (sampled reward, 5-step moving average; default auto_threshold)."""
+    """Average repeats per (mode, η, lr); the pool ceiling from the ``alone`` run and each mode's
+    fraction of it; the overlap estimate from on-policy phase times and the ratios against on-policy;
+    the wall time of every round to ``threshold`` (sampled reward, 5-step moving average; default
+    auto_threshold over every round of every run, or of the own-best-lr runs when there are some: a
+    level the runs that learn all reach), its mean and min-max over rounds. Ratios are taken within a
+    comparison: the same-lr rows against on-policy at that lr, the own-best-lr rows against on-policy
+    at its own best lr."""
     by: dict[tuple, list] = {}
     for r in results:
-        by.setdefault((r["mode"], r["max_staleness"]), []).append(r)
+        by.setdefault((r["mode"], r["max_staleness"], r.get("lr")), []).append(r)
     runs = []
-    for (mode, eta), rs in by.items():
+    for (mode, eta, lr), rs in by.items():
         avg = {k: float(np.mean([r[k] for r in rs])) for k in _AVERAGED if k in rs[0]}
-        runs.append({"mode": mode, "max_staleness": eta, "repeats": len(rs), **avg,
+        runs.append({"mode": mode, "max_staleness": eta, "lr": lr, "same_lr": rs[0].get("same_lr", True),
+                     "own_lr": rs[0].get("own_lr", False), "repeats": len(rs), **avg,
                      "dropped_stale": int(sum(r["dropped_stale"] for r in rs)),
                      "groups_received": int(sum(r["groups_received"] for r in rs)),
-                     "reward_curve": rs[0]["reward_curve"]})
+                     "reward_curve": rs[0]["reward_curve"], "reward_curves": [r["reward_curve"] for r in rs]})
     report: dict[str, Any] = {"runs": runs, "raw": results}
     alone = [r for r in runs if r["mode"] == "alone"]
     if alone:
@@ -194,34 +276,38 @@ def summarize(results: list[dict], threshold: float | None = None) -> dict:
         for r in runs:
             if r["mode"] != "alone":       # its own rate is the learner's alone
                 r["of_pool_bound"] = r["tokens_per_s"] / bound if bound else None
-    onp = [r for r in runs if r["mode"] == "on-policy"]
-    if onp:
+    learning = [r for r in runs if r["mode"] != "alone"]
+    if not any(r["mode"] == "on-policy" for r in runs):
+        return report
+    if threshold is None:
+        learners = [r for r in learning if r["own_lr"]] or learning
+        threshold = auto_threshold([c for r in learners for c in r["reward_curves"]])
+    report["reward_threshold"] = threshold
+    for r in learning:
+        r.update(rounds_to_reward(r["reward_curves"], threshold))
+    for key in ("same_lr", "own_lr"):
+        onp = [r for r in learning if r["mode"] == "on-policy" and r[key]]
+        if not onp:
+            continue
         base = onp[0]
         est = speedup_bound(base["t_wait_s"], base["t_train_s"])
-        report["overlap_estimate"] = est
-        if threshold is None:
-            threshold = auto_threshold([r["reward_curve"] for r in runs if r["mode"] != "alone"])
-        report["reward_threshold"] = threshold
-
-        def reach(run: dict) -> float | None:
-            return time_to_reward(run["reward_curve"], threshold, window=5) if threshold is not None else None
-
-        t_base = reach(base)
-        for r in runs:
-            if r["mode"] == "alone":
-                continue
-            r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else None
-            r["of_overlap_estimate"] = r["speedup"] / est if r["speedup"] else None
-            t = reach(r)
-            r["time_to_reward_s"] = t
-            r["time_to_reward_vs_on_policy"] = (t / t_base) if (t is not None and t_base) else None
+        report.setdefault("overlap_estimate", est)
+        for r in (r for r in learning if r[key]):
+            sp = r["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else None
+            t, tb = r["time_to_reward_s"], base["time_to_reward_s"]
+            r.setdefault("speedup", sp)
+            r.setdefault("of_overlap_estimate", sp / est if sp else None)
+            r[f"time_to_reward_vs_on_policy_{key}"] = (t / tb) if (t is not None and tb) else None
+        if key == "same_lr":
+            for r in learning:  # the name the earlier reports used
+                r["time_to_reward_vs_on_policy"] = r.get("time_to_reward_vs_on_policy_same_lr")
     return report
 
 
 def one_line(report: dict) -> str:
     parts = []
     for r in report["runs"]:
-        if r["mode"] == "alone":
+        if r["mode"] == "alone" or not r.get("same_lr", True):
             continue
         tag = "on-policy" if r["mode"] == "on-policy" else f"async η={r['max_staleness']}"
         s = f"{tag} {r['tokens_per_s']:.0f} tok/s"
@@ -239,3 +325,22 @@ def one_line(report: dict) -> str:
     if report.get("overlap_estimate"):
         out += f"; overlap estimate {report['overlap_estimate']:.2f}x"
     return out
+
+
+def time_lines(report: dict) -> list[str]:
+    """With own-best lrs, time-to-reward per comparison on a labelled line each."""
+    lines = []
+    thr = report.get("reward_threshold")
+    for key, title in (("same_lr", f"same lr {report.get('config_lr', 0):g}"),
+                       ("own_lr", "each mode at its own best lr from " + str(report.get("lr_from")))):
+        rows = [r for r in report["runs"] if r.get(key) and r["mode"] != "alone"]
+        if not rows or thr is None or (key == "own_lr" and not report.get("lr_from")):
+            continue
+        cells = []
+        for r in rows:
+            tag = ("on-policy" if r["mode"] == "on-policy" else f"async η={r['max_staleness']}") + f" (lr {r['lr']:g})"
+            t, ratio = r["time_to_reward_s"], r.get(f"time_to_reward_vs_on_policy_{key}")
+            cells.append(f"{tag} " + (f"{t:.0f} s" if t is not None else "not reached in every round")
+                         + (f" ({ratio:.2f}x on-policy)" if ratio is not None and r["mode"] != "on-policy" else ""))
+        lines.append(f"time to reward {thr:.3f}, {title}: " + "; ".join(cells))
+    return lines

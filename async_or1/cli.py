@@ -98,7 +98,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--repeats", type=int, default=1, help="interleaved rounds over all modes")
     t.add_argument("--reward-threshold", type=float, default=None,
                    help="sampled reward to time each mode to (default: 75%% of the way from the runs' start "
-                        "to the weakest run's end)")
+                        "to the weakest run's end, every round; with --lr-from, of the own-best-lr runs)")
+    t.add_argument("--lr-from", default=None, metavar="SWEEP_JSON",
+                   help="an `async-or1 bench staleness --lrs` report: also run each mode at the lr where it ended "
+                        "with the highest sampled reward, and report time-to-reward at the same lr and at each "
+                        "mode's own best lr, labelled")
     t.add_argument("--out", default="bench/results/throughput.json")
     t.add_argument("overrides", nargs="*", help="dotted config overrides applied to every run")
     s = bsub.add_parser("staleness", help="learning under staleness: max_staleness × corrections (+ the paper's "
@@ -279,7 +283,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     return main(config=args.config, modes=args.modes, max_staleness=args.max_staleness, steps=args.steps,
                 repeats=args.repeats, out=args.out, overrides=args.overrides,
-                reward_threshold=args.reward_threshold)
+                reward_threshold=args.reward_threshold, lr_from=args.lr_from)
 
 
 def _int_list(text: str, what: str) -> list[int]:

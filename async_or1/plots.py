@@ -215,7 +215,9 @@ def plot_throughput(results_json: str | Path, out_png: str | Path) -> Path:
 
     rep = json.loads(Path(results_json).read_text())
     runs = [r for r in rep["runs"] if r["mode"] != "alone"]
-    labels = ["on-policy" if r["mode"] == "on-policy" else f"async η={r['max_staleness']}" for r in runs]
+    labels = [("on-policy" if r["mode"] == "on-policy" else f"async η={r['max_staleness']}")
+              + (f"\nlr {r['lr']:g}" + (" (own best)" if r.get("own_lr") else "")
+                 if rep.get("lr_from") and r.get("lr") is not None else "") for r in runs]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     ax = axes[0]
     ax.bar(labels, [r["tokens_per_s"] for r in runs], color=["tab:gray" if r["mode"] == "on-policy" else "tab:blue"
@@ -231,10 +233,15 @@ def plot_throughput(results_json: str | Path, out_png: str | Path) -> Path:
         ax.legend(fontsize=8)
     ax.set(title="Trained tokens per second, same work and resources", ylabel="response tokens / s")
     ax = axes[1]
-    for lab, r in zip(labels, runs):
-        c = r.get("reward_curve") or []
-        ax.plot([x[0] for x in c], [x[1] for x in c], label=lab)
-    ax.set(title="Reward vs wall time", xlabel="wall time since the learner started (s)", ylabel="reward (0-1)")
+    for k, (lab, r) in enumerate(zip(labels, runs)):
+        for i, c in enumerate(r.get("reward_curves") or [r.get("reward_curve") or []]):
+            ax.plot([x[0] for x in c], _moving_average([x[1] for x in c]), color=f"C{k}",
+                    ls="-" if r.get("same_lr", True) else "--", lw=1.2 if i == 0 else 0.7,
+                    label=lab.replace("\n", " ") if i == 0 else None)
+    if rep.get("reward_threshold") is not None:
+        ax.axhline(rep["reward_threshold"], color="k", ls=":", lw=0.8, label="time-to-reward level")
+    ax.set(title="Sampled reward (5-step avg) vs wall time, every round",
+           xlabel="wall time since the learner started (s)", ylabel="reward (0-1)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=90)

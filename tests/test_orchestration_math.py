@@ -1,5 +1,6 @@
 """Pure pieces of the orchestration: CPU sets, throughput arithmetic, staleness of a batch."""
 
+import json
 import numpy as np
 import pytest
 
@@ -113,3 +114,67 @@ def test_auto_threshold_between_start_and_weakest_end():
     assert auto_threshold([a, worse]) is None                      # a run ended below the start: no level
     assert auto_threshold([a[:9], b]) is None                      # fewer than 2 windows of steps
 
+
+
+def _sweep(values: dict) -> dict:
+    """A bench staleness --lrs report: {(η, lr): final reward_last}."""
+    cells = [{"max_staleness": e, "correction": "none", "mini_batches_per_step": 1, "passes_per_batch": 1, "lr": lr,
+              "tag": "", "repeats": 2, "final": {"reward_last": {"mean": v}}} for (e, lr), v in values.items()]
+    cells.append({**cells[0], "tag": "noclip", "final": {"reward_last": {"mean": 0.99}}})  # never chosen
+    return {"corrections": ["none"], "cells": cells}
+
+
+def test_best_lrs_and_variants_from_a_sweep():
+    from async_or1.bench_throughput import Variant, best_lrs, make_variants
+
+    sweep = _sweep({(0, 3e-5): 0.30, (0, 1e-4): 0.45, (0, 3e-4): 0.20, (2, 3e-5): 0.28, (2, 1e-4): 0.50,
+                    (2, 3e-4): 0.55})
+    best = best_lrs(sweep, [0, 2])
+    assert best[0]["lr"] == 1e-4 and best[2]["lr"] == 3e-4
+    assert best[0]["values"] == {"3e-05": 0.30, "0.0001": 0.45, "0.0003": 0.20}
+    with pytest.raises(SystemExit, match="max_staleness 4"):
+        best_lrs(sweep, [0, 4], "s.json")
+    # on-policy: 3e-4 (same) and 1e-4 (own); async η=2's own lr is the config's: one run serves both rows
+    assert make_variants("on-policy,async", "2", 3e-4, best) == [
+        Variant("on-policy", 0, 3e-4), Variant("on-policy", 0, 1e-4, same_lr=False, own_lr=True),
+        Variant("async", 2, 3e-4, same_lr=True, own_lr=True)]
+    assert make_variants("on-policy,async", "1,2", 3e-4, None) == [Variant("on-policy", 0), Variant("async", 1),
+                                                                  Variant("async", 2)]
+
+
+def test_time_to_reward_same_lr_and_own_lr_rows_every_round(tmp_path):
+    from async_or1.bench_throughput import one_lines
+
+    def run(mode, eta, lr, same, own, rep, rewards):
+        rows = _rows(list(range(0, 2 * len(rewards), 2)), [100] * len(rewards), wait=1.0, train=1.0)
+        for r, x in zip(rows, rewards):
+            r["reward_mean_sampled"] = x
+        return {"mode": mode, "max_staleness": eta, "lr": lr, "same_lr": same, "own_lr": own, "repeat": rep,
+                **run_summary(rows)}
+
+    flat = [0.2] * 10
+    # the 5-step mean reaches 0.4 with three 0.6s in the window: at step max(k + 2, 4) (the first full window)
+    rise = lambda k: [0.2] * k + [0.6] * (10 - k)  # noqa: E731
+    results = [run("on-policy", 0, 3e-4, True, False, 0, flat), run("on-policy", 0, 3e-4, True, False, 1, rise(5)),
+               run("on-policy", 0, 1e-4, False, True, 0, rise(4)), run("on-policy", 0, 1e-4, False, True, 1, rise(6)),
+               run("async", 2, 3e-4, True, True, 0, rise(1)), run("async", 2, 3e-4, True, True, 1, rise(3))]
+    rep = summarize(results, threshold=0.4)
+    by = {(r["mode"], r["lr"]): r for r in rep["runs"]}
+    # 2 s a step: rounds of on-policy 1e-4 at steps 6 and 8 (12, 16 s), async at steps 4 and 5 (8, 10 s)
+    assert by[("on-policy", 1e-4)]["time_to_reward_rounds_s"] == [12.0, 16.0]
+    assert by[("on-policy", 1e-4)]["time_to_reward_s"] == 14.0
+    assert by[("async", 3e-4)]["time_to_reward_range_s"] == [8.0, 10.0]
+    # on-policy at 3e-4: round 0 never reaches the level, so no mean (and no same-lr ratio)
+    assert by[("on-policy", 3e-4)]["time_to_reward_rounds_s"] == [None, 14.0]
+    assert by[("on-policy", 3e-4)]["time_to_reward_s"] is None
+    assert by[("async", 3e-4)]["time_to_reward_vs_on_policy_same_lr"] is None
+    assert by[("async", 3e-4)]["time_to_reward_vs_on_policy_own_lr"] == pytest.approx(9 / 14)
+    rep.update({"config_lr": 3e-4, "lr_from": "sweep.json"})
+    lines = one_lines(rep)
+    assert lines[1].startswith("time to reward 0.400, same lr 0.0003: on-policy (lr 0.0003) not reached")
+    assert lines[2].startswith("time to reward 0.400, each mode at its own best lr from sweep.json: "
+                               "on-policy (lr 0.0001) 14 s; async η=2 (lr 0.0003) 9 s (0.64x on-policy)")
+    from async_or1.plots import plot_throughput
+
+    (tmp_path / "t.json").write_text(json.dumps(rep))
+    assert plot_throughput(tmp_path / "t.json", tmp_path / "t.png").stat().st_size > 10_000
