@@ -27,7 +27,7 @@ LAST = 10  # steps averaged at the end of a run for the "final" numbers
 OUT_DIR = "runs/bench-staleness"
 CURVE_KEYS = ("reward_mean_sampled", "entropy", "is_ess", "abs_log_ratio_mean", "kl_behav_learner",
               "clip_frac_low", "clip_frac_high", "is_masked_frac", "is_truncated_frac", "staleness_mean",
-              "trained_len_mean", "generated_len_mean")
+              "trained_len_mean", "generated_len_mean", "grad_norm")
 FINAL_KEYS = ("reward_last", "entropy_last", "heldout_after", "staleness_mean", "is_ess_mean",
               "kl_behav_learner_mean", "clip_frac_mean", "is_masked_frac_mean")
 ABLATION = ((1, 1), (4, 1), (1, 2))
