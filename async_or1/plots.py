@@ -284,13 +284,7 @@ def plot_staleness_study(report: dict, out_png: str | Path) -> Path:
     cells = [c for c in cells if c.get("lr") == lr0 and not c.get("tag")]
     grid = {(c["max_staleness"], c["correction"]): c for c in cells
             if (c["mini_batches_per_step"], c["passes_per_batch"]) == (1, 1)}
-    cmap = plt.get_cmap("viridis")
-    color = {e: cmap(i / max(len(etas) - 1, 1)) for i, e in enumerate(etas)}
-    ncol = len(corrs) + 1
-    fig, axes = plt.subplots(4, ncol, figsize=(4.6 * ncol, 14), squeeze=False)
-    rows = (("reward_mean_sampled", "step", "sampled reward (5-step avg)"),
-            ("reward_mean_sampled", "time_s", "sampled reward (5-step avg)"),
-            ("entropy", "step", "entropy (nats/token)"), ("is_ess", "step", "ESS / N of ρ = π_prox/μ"))
+    color, fig, axes, rows = _study_axes(plt, etas, len(corrs) + 1, ("is_ess", "step", "ESS / N of ρ = π_prox/μ"))
     for j, corr in enumerate(corrs):
         for i, (key, x, ylabel) in enumerate(rows):
             ax = axes[i, j]
@@ -356,13 +350,7 @@ def plot_lr_sweep(report: dict, out_png: str | Path) -> Path:
     runs = {}
     for r in report.get("raw", []):
         runs.setdefault(r["cell"], []).append(r["curves"])
-    cmap = plt.get_cmap("viridis")
-    color = {e: cmap(i / max(len(etas) - 1, 1)) for i, e in enumerate(etas)}
-    ncol = len(lrs) + 1
-    fig, axes = plt.subplots(4, ncol, figsize=(4.6 * ncol, 14), squeeze=False)
-    rows = (("reward_mean_sampled", "step", "sampled reward (5-step avg)"),
-            ("reward_mean_sampled", "time_s", "sampled reward (5-step avg)"),
-            ("entropy", "step", "entropy (nats/token)"), ("clip_frac", "step", "clipped token fraction"))
+    color, fig, axes, rows = _study_axes(plt, etas, len(lrs) + 1, ("clip_frac", "step", "clipped token fraction"))
     for j, lr in enumerate(lrs):
         for i, (key, x, ylabel) in enumerate(rows):
             ax = axes[i, j]
@@ -401,6 +389,18 @@ def plot_lr_sweep(report: dict, out_png: str | Path) -> Path:
     fig.savefig(out_png, dpi=80)
     plt.close(fig)
     return Path(out_png)
+
+
+def _study_axes(plt: Any, etas: list, ncol: int, last_row: tuple) -> tuple:
+    """A study figure's frame: a colour per η, 4 × ncol axes, and its rows (key, x, ylabel): reward vs
+    step and vs wall time, entropy, ``last_row``."""
+    cmap = plt.get_cmap("viridis")
+    color = {e: cmap(i / max(len(etas) - 1, 1)) for i, e in enumerate(etas)}
+    fig, axes = plt.subplots(4, ncol, figsize=(4.6 * ncol, 14), squeeze=False)
+    rows = (("reward_mean_sampled", "step", "sampled reward (5-step avg)"),
+            ("reward_mean_sampled", "time_s", "sampled reward (5-step avg)"),
+            ("entropy", "step", "entropy (nats/token)"), last_row)
+    return color, fig, axes, rows
 
 
 def _curve(curves: dict, key: str) -> list:
