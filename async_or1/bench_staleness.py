@@ -156,7 +156,36 @@ def summarize(results: list[dict], cells: list[Cell], max_staleness: list[int], 
                     "vs_baseline": {k: verdict(finals[k], [r["final"][k] for r in base_rs])
                                     for k in FINAL_KEYS} if base.name != c.name else {},
                     "curves": mean_curves})
-    return {"cells": out, "raw": results}
+    report = {"cells": out, "raw": results}
+    add_time_to_reward(report)
+    return report
+
+
+def add_time_to_reward(report: dict, threshold: float | None = None) -> None:
+    """Per cell, every round's wall seconds to one sampled-reward level (``bench_throughput``'s rule:
+    5-step moving average; the level 75% of the way from the start to the weakest end of the runs
+    that learn, i.e. of each η's best-lr cell when lrs were swept, else of every grid cell)."""
+    from async_or1.bench_throughput import auto_threshold, best_lrs, rounds_to_reward
+
+    curves = {}
+    for r in report["raw"]:
+        cv = r["curves"]
+        curves.setdefault(r["cell"], []).append([[t, y] for t, y in zip(cv["time_s"], cv["reward_mean_sampled"])
+                                                 if y is not None])
+    cells = report["cells"]
+    if threshold is None:
+        if len({c["lr"] for c in cells}) > 1:
+            best = best_lrs({"cells": cells, "corrections": [cells[0]["correction"]]},
+                            sorted({c["max_staleness"] for c in cells if c["lr"] is not None and not c["tag"]}))
+            learners = [c for c in cells if not c["tag"] and c["correction"] == cells[0]["correction"]
+                        and (c["mini_batches_per_step"], c["passes_per_batch"]) == (1, 1)
+                        and c["lr"] == best[c["max_staleness"]]["lr"]]
+        else:
+            learners = [c for c in cells if not c["tag"] and (c["mini_batches_per_step"], c["passes_per_batch"]) == (1, 1)]
+        threshold = auto_threshold([cv for c in learners for cv in curves.get(c["cell"], [])])
+    report["reward_threshold"] = threshold
+    for c in cells:
+        c["time_to_reward"] = rounds_to_reward(curves.get(c["cell"], []), threshold)
 
 
 def _nanmean(v: list) -> float:
@@ -286,8 +315,11 @@ def one_lines(report: dict) -> list[str]:
             tail = "noise unknown (one round: no spread to compare with)"
         else:
             tail = "no difference beyond noise"
+        ttr = c.get("time_to_reward") or {}
+        to = (f", {ttr['time_to_reward_s']:.0f} s to reward {report['reward_threshold']:.3f}"
+              if ttr.get("time_to_reward_s") is not None else "")
         lines.append(f"staleness: {c['cell']}: held-out {_pm(f['heldout_after'])}, reward {_pm(f['reward_last'])}, "
-                     f"entropy {f['entropy_last']['mean']:.4f}; vs {c['baseline']}: {tail}")
+                     f"entropy {f['entropy_last']['mean']:.4f}{to}; vs {c['baseline']}: {tail}")
     return lines
 
 

@@ -173,6 +173,17 @@ def test_lr_axis_and_tagged_cells_compare_at_the_same_lr(tmp_path):
     assert by[cells[3].name]["vs_baseline"]["reward_last"]["diff"] == pytest.approx(0.305)
     assert by[cells[4].name]["vs_baseline"]["reward_last"]["verdict"] == "lower"
     assert by[cells[4].name]["lr"] == 3e-4 and by[cells[4].name]["tag"] == "noclip"
+    # flat curves: no level between start and end, so no time to reward; a given level of 0.5: the
+    # 5-step mean of a constant reward is reached at the first full window (step 4, 8 s) or never
+    assert rep["reward_threshold"] is None
+    from async_or1.bench_staleness import add_time_to_reward
+
+    add_time_to_reward(rep, threshold=0.5)
+    by = {c["cell"]: c for c in rep["cells"]}
+    assert by[cells[3].name]["time_to_reward"] == {"time_to_reward_rounds_s": [8.0, 8.0], "time_to_reward_s": 8.0,
+                                                   "time_to_reward_range_s": [8.0, 8.0]}
+    assert by[cells[1].name]["time_to_reward"]["time_to_reward_rounds_s"] == [8.0, 8.0]  # 0.50, 0.52
+    assert by[cells[0].name]["time_to_reward"]["time_to_reward_s"] is None                # 0.40, 0.42
     rep.update({"corrections": ["none"], "max_staleness": [0, 2], "lrs": [1e-4, 3e-4], "config": "x",
                 "steps": 12, "repeats": 2})
     from PIL import Image
