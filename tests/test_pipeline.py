@@ -232,17 +232,32 @@ def test_throughput_bench_async_beats_on_policy(tiny, tmp_path):
                                                         "generation.max_batch_size": 32,
                                                         "log.weight_fingerprints": "false"})
           if not o.startswith(("name=", "output_dir=", "schedule.0.steps="))]
+    # --lr-from: a sweep in which on-policy did best at a smaller lr than the runs' (1e-3) and async η=1
+    # at the runs' own: on-policy runs at both, async once for both comparisons
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({"corrections": ["none"], "cells": [
+        {"max_staleness": e, "correction": "none", "mini_batches_per_step": 1, "passes_per_batch": 1, "lr": lr,
+         "tag": "", "repeats": 1, "final": {"reward_last": {"mean": v}}}
+        for e, lr, v in ((0, 3e-4, 0.5), (0, 1e-3, 0.3), (1, 3e-4, 0.4), (1, 1e-3, 0.45))]}))
     env = dict(os.environ, DS_ACCELERATOR="cpu")
     p = subprocess.run([sys.executable, "-m", "async_or1.cli", "bench", "throughput", "--config",
                         str(ROOT / "configs/cpu-tiny.yaml"), "--modes", "alone,on-policy,async", "--max-staleness", "1",
-                        "--steps", "8", "--out", str(out), *ov], env=env, capture_output=True, text=True,
-                       timeout=900, cwd=tmp_path)
+                        "--steps", "8", "--lr-from", str(sweep), "--reward-threshold", "0.0", "--out", str(out), *ov],
+                       env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rep = json.loads(out.read_text())
-    runs = {r["mode"]: r for r in rep["runs"]}
-    assert runs["async"]["tokens_per_s"] > runs["on-policy"]["tokens_per_s"], rep["runs"]
-    assert runs["on-policy"]["staleness_mean"] == 0
+    runs = {(r["mode"], r["lr"]): r for r in rep["runs"]}
+    assert set(runs) == {("alone", 1e-3), ("on-policy", 1e-3), ("on-policy", 3e-4), ("async", 1e-3)}
+    assert runs[("async", 1e-3)]["tokens_per_s"] > runs[("on-policy", 1e-3)]["tokens_per_s"], rep["runs"]
+    assert runs[("on-policy", 1e-3)]["staleness_mean"] == 0
     assert all(r["dropped_stale"] == 0 and r["groups_received"] > 0 for r in rep["runs"]), rep["runs"]
     assert rep["pool_bound_tokens_per_s"] == min(rep["generator_alone_tokens_per_s"], rep["learner_alone_tokens_per_s"])
-    assert runs["async"]["of_pool_bound"] > 0 and "overlap_estimate" in rep
+    assert runs[("async", 1e-3)]["of_pool_bound"] > 0 and "overlap_estimate" in rep
+    assert (runs[("on-policy", 3e-4)]["own_lr"], runs[("on-policy", 3e-4)]["same_lr"]) == (True, False)
+    assert runs[("async", 1e-3)]["own_lr"] and runs[("async", 1e-3)]["same_lr"]
+    assert rep["config_lr"] == 1e-3 and rep["own_lrs"]["0"]["lr"] == 3e-4 and rep["lr_from"] == str(sweep)
+    # level 0: every round reaches it at its first full 5-step window, so both comparisons have ratios
+    assert runs[("async", 1e-3)]["time_to_reward_vs_on_policy_same_lr"] is not None
+    assert runs[("async", 1e-3)]["time_to_reward_vs_on_policy_own_lr"] is not None
+    assert "same lr 0.001: on-policy (lr 0.001)" in p.stdout and "own best lr from" in p.stdout
     assert out.with_suffix(".png").is_file()
