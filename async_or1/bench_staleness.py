@@ -144,7 +144,8 @@ def summarize(results: list[dict], cells: list[Cell], max_staleness: list[int], 
         base = c.baseline(max_staleness, corrections)
         base_rs = by.get(base.name, [])
         n = min(len(r["curves"]["step"]) for r in rs)
-        mean_curves = {k: [_nanmean([r["curves"][k][i] for r in rs]) for i in range(n)]
+        # a ledger written before a curve key was added has no such curve: its points count as missing
+        mean_curves = {k: [_nanmean([(r["curves"].get(k) or [None] * n)[i] for r in rs]) for i in range(n)]
                        for k in (*CURVE_KEYS, "step", "time_s")}
         mean_curves["heldout"] = [[s, _nanmean([dict(map(tuple, r["curves"]["heldout"])).get(s) for r in rs])]
                                   for s, _ in rs[0]["curves"]["heldout"]]
