@@ -135,22 +135,22 @@ def test_best_lrs_and_variants_from_a_sweep():
     with pytest.raises(SystemExit, match="max_staleness 4"):
         best_lrs(sweep, [0, 4], "s.json")
     # on-policy: 3e-4 (same) and 1e-4 (own); async η=2's own lr is the config's: one run serves both rows
-    assert make_variants("on-policy,async", "2", 3e-4, best) == [
+    assert make_variants("alone,on-policy,async", "2", 30, 3e-4, best) == [Variant("alone", 30, 3e-4),
         Variant("on-policy", 0, 3e-4), Variant("on-policy", 0, 1e-4, same_lr=False, own_lr=True),
         Variant("async", 2, 3e-4, same_lr=True, own_lr=True)]
-    assert make_variants("on-policy,async", "1,2", 3e-4, None) == [Variant("on-policy", 0), Variant("async", 1),
-                                                                  Variant("async", 2)]
+    assert make_variants("on-policy,async", "1,2", 30, 3e-4, None) == [Variant("on-policy", 0), Variant("async", 1),
+                                                                      Variant("async", 2)]
 
 
 def test_time_to_reward_same_lr_and_own_lr_rows_every_round(tmp_path):
-    from async_or1.bench_throughput import one_lines
+    from async_or1.bench_throughput import time_lines
 
     def run(mode, eta, lr, same, own, rep, rewards):
         rows = _rows(list(range(0, 2 * len(rewards), 2)), [100] * len(rewards), wait=1.0, train=1.0)
         for r, x in zip(rows, rewards):
             r["reward_mean_sampled"] = x
         return {"mode": mode, "max_staleness": eta, "lr": lr, "same_lr": same, "own_lr": own, "repeat": rep,
-                **run_summary(rows)}
+                **run_summary(rows), **_ledger(40, 0)}
 
     flat = [0.2] * 10
     # the 5-step mean reaches 0.4 with three 0.6s in the window: at step max(k + 2, 4) (the first full window)
@@ -170,9 +170,9 @@ def test_time_to_reward_same_lr_and_own_lr_rows_every_round(tmp_path):
     assert by[("async", 3e-4)]["time_to_reward_vs_on_policy_same_lr"] is None
     assert by[("async", 3e-4)]["time_to_reward_vs_on_policy_own_lr"] == pytest.approx(9 / 14)
     rep.update({"config_lr": 3e-4, "lr_from": "sweep.json"})
-    lines = one_lines(rep)
-    assert lines[1].startswith("time to reward 0.400, same lr 0.0003: on-policy (lr 0.0003) not reached")
-    assert lines[2].startswith("time to reward 0.400, each mode at its own best lr from sweep.json: "
+    lines = time_lines(rep)
+    assert lines[0].startswith("time to reward 0.400, same lr 0.0003: on-policy (lr 0.0003) not reached")
+    assert lines[1].startswith("time to reward 0.400, each mode at its own best lr from sweep.json: "
                                "on-policy (lr 0.0001) 14 s; async η=2 (lr 0.0003) 9 s (0.64x on-policy)")
     from async_or1.plots import plot_throughput
 
