@@ -43,7 +43,7 @@ def run_inprocess(cfg: Any, spec: dict, resume: bool = False) -> int:
         try:
             engine = engines[gid]
             tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer_path"])
-            from async_or1.data.template import stop_token_ids
+            from async_or1.generation.text import stop_token_ids
             rc = cfg.rewards
             with RewardPool(workers=rc.workers, math_timeout_s=rc.math_timeout_s, code_timeout_s=rc.code_timeout_s,
                             code_memory_mb=rc.code_memory_mb, require_think=rc.require_think,

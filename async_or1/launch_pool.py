@@ -121,7 +121,7 @@ def evaluate_model(cfg: Any, model_path: str, eval_files: list, *, label: str = 
     import numpy as np
 
     from async_or1.data.prepare import check_fits, check_model, load_tokenizer, prepare_eval
-    from async_or1.data.template import response_text
+    from async_or1.generation.text import response_text
     from async_or1.eval import EvalBook, write_outputs
 
     k = k or cfg.eval.k

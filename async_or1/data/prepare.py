@@ -43,7 +43,7 @@ def check_model(model_path: str, tokenizer: Any) -> dict:
     max_position_embeddings, or None)."""
     from transformers import AutoConfig
 
-    from async_or1.data.template import stop_token_ids
+    from async_or1.generation.text import stop_token_ids
     from async_or1.data.template import TemplateError, encode_prompt
 
     try:

@@ -303,7 +303,7 @@ class GeneratorWorker:
         return not self.stopping
 
     def score(self, prompt: Any, results: list) -> list:
-        from async_or1.data.template import response_text
+        from async_or1.generation.text import response_text
 
         with self.phases("score"):
             stop = set(self.stop_ids)
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     from async_or1.rewards.pool import RewardPool
     from async_or1.transport.zmq import ZmqGeneratorEndpoint
 
-    from async_or1.data.template import stop_token_ids
+    from async_or1.generation.text import stop_token_ids
 
     curve = None  # keys first: a missing key fails before the model loads
     if cfg.transport.curve:

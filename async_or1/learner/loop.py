@@ -94,7 +94,7 @@ def eval_book(cfg: Any, spec: dict, tokenizer: Any, stop_ids: list) -> Any:
     import numpy as np
 
     from async_or1.data.prepare import prepare_eval
-    from async_or1.data.template import response_text
+    from async_or1.generation.text import response_text
     from async_or1.eval import EvalBook
 
     data = prepare_eval(spec["eval_files"], tokenizer, max_prompt_tokens=cfg.data.max_prompt_tokens,
