@@ -58,15 +58,6 @@ def staleness(learner_version: int, oldest_token_version: int) -> int:
     return int(learner_version) - int(oldest_token_version)
 
 
-def admission_limit(version: int, max_staleness: int, prompts_per_step_at: Callable[[int], int]) -> int:
-    """Σ_{s=0}^{version+max_staleness} prompts_per_step_at(s)."""
-    return sum(int(prompts_per_step_at(s)) for s in range(int(version) + int(max_staleness) + 1))
-
-
-def can_admit(n_new: int, accepted: int, running: int, limit: int) -> bool:
-    return accepted + running + n_new <= limit
-
-
 def p90(values: list) -> float:
     """Nearest-rank 90th percentile (the smallest value with at least 90% of the values at or below
     it); NaN for no values."""
@@ -219,14 +210,16 @@ class ReplayBuffer:
             return self._before(step)
 
     # ---- admission ---------------------------------------------------------------------
-    def _limit(self, version: int) -> int:
-        return self._before(version + self.max_staleness + 1)
+    def _room(self, version: int) -> int:
+        """The admission rule (DESIGN.md): trained + queued + in flight <= Σ_{s=0}^{version+η}
+        prompts_per_step_at(s). Returns the prompts that may still be leased (>= 0). Caller holds the lock."""
+        limit = self._before(version + self.max_staleness + 1)
+        return max(0, limit - self._c["trained"] - len(self._queue) - len(self._running))
 
     def admission_room(self, version: int) -> int:
         """How many more prompts may be leased now (>= 0)."""
         with self._cond:
-            accepted = self._c["trained"] + len(self._queue)
-            return max(0, self._limit(version) - accepted - len(self._running))
+            return self._room(version)
 
     def _alive(self, stage: int) -> int:
         return (self._trained_by_stage[stage] + sum(1 for _, _, le in self._queue if le.stage == stage)
@@ -239,7 +232,7 @@ class ReplayBuffer:
         never spans two stages. (stage, []) when there is no room."""
         with self._cond:
             end = version + self.max_staleness + 1          # the window: steps < end
-            n = min(int(n), max(0, self._limit(version) - self._c["trained"] - len(self._queue) - len(self._running)))
+            n = min(int(n), self._room(version))
             s = version
             while n > 0 and s < end:
                 stage = self._stage(s)

@@ -371,12 +371,20 @@ class Config:
 
     def stage_at(self, step: int) -> tuple[int, StageConfig]:
         """(stage index, stage) that training step ``step`` (0-based) belongs to."""
-        start = 0
-        for i, st in enumerate(self.stages):
-            if step < start + st.steps:
-                return i, st
-            start += st.steps
-        return len(self.stages) - 1, self.stages[-1]
+        return stage_at(self.stages, step)
+
+
+def stage_at(stages: Any, step: int) -> tuple[int, Any]:
+    """(stage index, stage) of training step ``step`` (0-based); past the end, the last stage.
+    The one stage lookup: the config, the prompt source and the buffer's schedule all use it."""
+    if not stages:
+        raise ValueError("the schedule has no stages")
+    start = 0
+    for i, st in enumerate(stages):
+        if step < start + st.steps:
+            return i, st
+        start += st.steps
+    return len(stages) - 1, stages[-1]
 
 
 # ---------------------------------------------------------------------------

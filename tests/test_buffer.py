@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from async_or1.buffer import ReplayBuffer, admission_limit, can_admit, staleness
+from async_or1.buffer import ReplayBuffer, staleness
 from async_or1.transport.messages import RolloutGroup, Sample
 
 
@@ -37,33 +37,46 @@ def test_staleness_is_a_difference():
     assert staleness(0, 0) == 0
 
 
+def admission_limit(version: int, eta: int, pps) -> int:
+    """The rule written out by hand: Σ_{s=0}^{version+η} pps(s), the oracle for the buffer."""
+    return sum(pps(s) for s in range(version + eta + 1))
+
+
+def room(version: int, eta: int, pps) -> int:
+    """An empty buffer's admission room is the whole limit."""
+    return ReplayBuffer(max_staleness=eta, prompts_per_step_at=pps).admission_room(version)
+
+
 def test_admission_limit_constant_batch():
     # η=1, B=4: version 0 may have 8 prompts out (this step's and the next); version 1: 12.
-    assert admission_limit(0, 1, const(4)) == 8
-    assert admission_limit(1, 1, const(4)) == 12
-    assert admission_limit(7, 1, const(4)) == (1 + 7 + 1) * 4
+    assert room(0, 1, const(4)) == 8
+    assert room(1, 1, const(4)) == 12
+    assert room(7, 1, const(4)) == (1 + 7 + 1) * 4
     # η=0 (on-policy): exactly one step's prompts beyond what was trained.
-    assert admission_limit(0, 0, const(4)) == 4
-    assert admission_limit(3, 0, const(4)) == 16
+    assert room(0, 0, const(4)) == 4
+    assert room(3, 0, const(4)) == 16
 
 
 def test_admission_limit_stage_change():
     pps = lambda s: 4 if s < 2 else 8  # noqa: E731  stage 0: steps 0-1 at B=4, then B=8
-    assert admission_limit(0, 1, pps) == 4 + 4
-    assert admission_limit(1, 1, pps) == 4 + 4 + 8
-    assert admission_limit(2, 1, pps) == 4 + 4 + 8 + 8
-    assert admission_limit(1, 0, pps) == 8
-    assert admission_limit(2, 0, pps) == 16
+    assert room(0, 1, pps) == 4 + 4
+    assert room(1, 1, pps) == 4 + 4 + 8
+    assert room(2, 1, pps) == 4 + 4 + 8 + 8
+    assert room(1, 0, pps) == 8
+    assert room(2, 0, pps) == 16
     # the end of the schedule: no more prompts per step, the limit stops growing
     end = lambda s: 4 if s < 3 else 0  # noqa: E731
-    assert admission_limit(2, 2, end) == admission_limit(5, 2, end) == 12
+    assert room(2, 2, end) == room(5, 2, end) == 12
 
 
-def test_can_admit_boundary():
-    assert can_admit(4, 4, 0, 8)
-    assert not can_admit(5, 4, 0, 8)
-    assert can_admit(0, 8, 0, 8)
-    assert not can_admit(1, 2, 6, 8)
+def test_admission_room_boundary():
+    # Leasing up to the limit leaves no room; the room never goes negative.
+    buf = ReplayBuffer(max_staleness=1, prompts_per_step_at=const(4))
+    buf.on_leased([f"p{i}" for i in range(4)], 0)
+    assert buf.admission_room(0) == 4
+    buf.on_leased([f"q{i}" for i in range(4)], 0)
+    assert buf.admission_room(0) == 0
+    assert buf.lease_slots(1, 0)[1] == []
 
 
 # ---- admission through the buffer ------------------------------------------------------------

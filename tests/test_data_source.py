@@ -5,7 +5,8 @@ import pytest
 
 from async_or1.config import StageConfig
 from async_or1.data.rows import Problem
-from async_or1.data.source import PromptSource, stage_at, stage_start_step
+from async_or1.config import stage_at
+from async_or1.data.source import PromptSource, stage_start_step
 
 
 def problems(n):

@@ -23,17 +23,7 @@ import random
 from collections import Counter, deque
 from typing import Any, Iterable, Sequence
 
-
-def stage_at(stages: Sequence[Any], step: int) -> tuple[int, Any]:
-    """(stage index, stage) of training step ``step`` (0-based); past the end, the last stage."""
-    if not stages:
-        raise ValueError("the schedule has no stages")
-    start = 0
-    for i, st in enumerate(stages):
-        if step < start + st.steps:
-            return i, st
-        start += st.steps
-    return len(stages) - 1, stages[-1]
+from async_or1.config import stage_at
 
 
 def stage_start_step(stages: Sequence[Any], index: int) -> int:
@@ -81,9 +71,6 @@ class PromptSource:
     def live(self) -> int:
         return len(self.uids) - len(self.dropped)
 
-    def stage_at(self, step: int) -> tuple[int, Any]:
-        return stage_at(self.stages, step)
-
     def _next_from_order(self) -> str:
         while True:
             if self.pos >= len(self._order):
@@ -99,7 +86,7 @@ class PromptSource:
     def next_prompts(self, n: int, step: int) -> list[Any]:
         """The next ``n`` problems for a lease at training step ``step`` (crossing into a new
         stage runs its boundary filter first)."""
-        idx, _ = self.stage_at(step)
+        idx, _ = stage_at(self.stages, step)
         while self.stage < idx:
             self.on_stage_start(self.stage + 1)
         out = []
