@@ -53,6 +53,18 @@ def test_plan_with_one_mini_batch_is_the_whole_batch_in_order():
     assert plan["mini_batches"][0]["num_tokens"] == 3 * (4 + 5 + 6)
 
 
+def test_plan_asks_algo_which_sequences_stay_in_the_loss():
+    # The learner does not re-decide truncation: algo.truncation_mask does, and an unknown mode is an error.
+    import dataclasses
+
+    cfg = load_config(None, ["schedule.0.prompts_per_step=2"])
+    plan = plan_step([_group(i, truncated_first=True) for i in range(2)], cfg, world=1, version=0)
+    assert len(plan["seqs"]) == 8                                                     # 'none' keeps all
+    bogus = dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, truncated_mask="bogus"))
+    with pytest.raises(ValueError, match="bogus"):
+        plan_step([_group(0)], bogus, world=1, version=0)
+
+
 def test_summarize_update_by_hand():
     steps = [{"token_count": 10, "entropy_sum": 5.0, "ratio_sum": 10.0, "clip_low_count": 0, "clip_high_count": 0,
               "loss": -0.2, "kl_sum": 0.0, "grad_norm": 1.0},

@@ -40,6 +40,19 @@ def split_groups(n_groups: int, n_mini: int, seed: int, version: int) -> list[li
     return [perm[i * size:(i + 1) * size] for i in range(n_mini)]
 
 
+def keep_in_loss(seqs: list, mode: str) -> list:
+    """The sequences whose tokens stay in the loss under ``algo.truncated_mask``, decided by
+    ``algo.truncation_mask`` (the one definition). A sequence with no token in the loss is left out
+    of the plan entirely, so it costs no compute and no token count (paper 3.2.3)."""
+    from async_or1.algo import truncation_mask
+
+    if not seqs:
+        return seqs
+    truncated = torch.tensor([bool(x.truncated) for x in seqs])               # [B]
+    kept = truncation_mask(torch.ones(len(seqs), 1), truncated, mode)[:, 0]    # [B]
+    return [x for x, k in zip(seqs, kept.tolist()) if k > 0]
+
+
 def plan_step(groups: list, cfg: Any, world: int, version: int) -> dict:
     """Rank 0: the step's sequences (advantages per group) and, per mini-batch, the per-rank shards of
     micro-batches as indices into them, plus the mini-batch's global response-token count."""
@@ -50,9 +63,7 @@ def plan_step(groups: list, cfg: Any, world: int, version: int) -> dict:
     minis = []
     for part in split_groups(len(groups), cfg.learner.mini_batches_per_step, cfg.seed, version):
         s = groups_to_sequences([groups[i] for i in part], adv_eps=cfg.algo.adv_eps)
-        if cfg.algo.truncated_mask == "mask_truncated":
-            # Paper 3.2.3: truncated responses leave the loss (and its token count) entirely.
-            s = [x for x in s if not x.truncated]
+        s = keep_in_loss(s, cfg.algo.truncated_mask)
         off = len(seqs)
         shards = shard_for_ranks([x.length for x in s], world, cfg.learner.micro_batch_tokens_per_rank)
         minis.append({"shards": [[[off + i for i in mb] for mb in rank] for rank in shards],
