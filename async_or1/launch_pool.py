@@ -77,7 +77,7 @@ def _supervise(ctl: Any, gens: list, cfg: Any, what: str, problems: int, k: int,
     last_done, since = -1, time.monotonic()
     with bar(problems * k * evals, f"{what}: {problems} problems x {k}", unit="sample") as pb:
         while True:
-            ctl._check()
+            ctl.raise_if_failed()
             n, done, total = ctl.evals_unfinished()
             back = (evals - n) * problems + done          # problems back, finished evaluations included
             pb.update((back - pb.n // k) * k)

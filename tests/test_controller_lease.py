@@ -43,7 +43,7 @@ def _setup(eta: int, batch: int = 2):
     ep = Endpoint()
     ctl = Controller(endpoint=ep, buffer=buffer, source=PromptSource(problems, [stage], seed=0),
                      encode_prompt=lambda p: [1, 2, 3], stage_at=lambda v: (0, stage), num_generators=1,
-                     prompts_per_step_at=lambda s: batch, clock=VirtualClock())
+                     clock=VirtualClock())
     ctl.leasing_open = True
     return ctl, ep, buffer
 

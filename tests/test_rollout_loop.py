@@ -148,7 +148,7 @@ def _rig(max_staleness: int, pps: int = 2, G: int = 4, tokens: int = 6, n_proble
     buf = ReplayBuffer(max_staleness, lambda s: pps)
     src = Source(n_problems)
     ctl = Controller(endpoint=hub.learner(), buffer=buf, source=src, encode_prompt=lambda pr: [1, 2, 3],
-                     stage_at=lambda step: (0, stage), num_generators=1, prompts_per_step_at=lambda s: pps,
+                     stage_at=lambda step: (0, stage), num_generators=1,
                      generator_timeout_s=30)
     eng = FakeEngine()
     worker = GeneratorWorker(generator_id=0, engine=eng, endpoint=hub.generator(0), rewards=Rewards(),
@@ -351,7 +351,7 @@ def test_lease_min_version_is_never_older_than_version_minus_eta(eta, want):
     hub = InprocHub()
     buf = ReplayBuffer(eta, lambda s: 1)
     ctl = Controller(endpoint=hub.learner(), buffer=buf, source=Source(5), encode_prompt=lambda pr: [1],
-                     stage_at=lambda step: (0, stage), num_generators=1, prompts_per_step_at=lambda s: 1)
+                     stage_at=lambda step: (0, stage), num_generators=1)
     gen = hub.generator(0)
     ctl.start()
     try:

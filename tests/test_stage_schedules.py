@@ -17,7 +17,8 @@ import pytest
 
 from async_or1.buffer import ReplayBuffer, fits, lease_min_version
 from async_or1.config import StageConfig
-from async_or1.data.source import PromptSource, stage_at
+from async_or1.config import stage_at
+from async_or1.data.source import PromptSource
 from async_or1.learner.controller import Controller, uid_of_prompt_id
 from async_or1.transport import messages as m
 from async_or1.transport.inproc import InprocHub
@@ -52,7 +53,7 @@ class Rig:
         self.ctl = Controller(endpoint=self.hub.learner(), buffer=self.buf, source=self.src,
                               encode_prompt=lambda pr: np.array([5, 6], dtype=np.int32),
                               stage_at=lambda s: stage_at(stages, s), num_generators=1,
-                              prompts_per_step_at=per_step, generator_timeout_s=60)
+                              generator_timeout_s=60)
         self.per_step = per_step
         self.sent = 0
         self.ep = self.hub.generator(0)

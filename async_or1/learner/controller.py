@@ -43,14 +43,13 @@ def uid_of_prompt_id(pid: str) -> str:
 class Controller:
     def __init__(self, *, endpoint: Any, num_generators: int, buffer: Any = None, source: Any = None,
                  encode_prompt: Callable[[Any], list] | None = None, stage_at: Callable[[int], tuple] | None = None,
-                 prompts_per_step_at: Callable[[int], int] | None = None, evals: Any = None,
+                 evals: Any = None,
                  generator_timeout_s: float = 60.0, clock: Any = time) -> None:
         self.endpoint, self.buffer, self.source = endpoint, buffer, source
         self.clock = clock                    # monotonic() and sleep(); the simulator passes a virtual clock
         self.encode_prompt = encode_prompt
         self.stage_at = stage_at
         self.num_generators = num_generators
-        self.prompts_per_step_at = prompts_per_step_at
         self.evals = evals                    # EvalBook or None
         self.generator_timeout_s = generator_timeout_s
         self.lock = threading.Lock()          # guards source, leases, generator table, version
@@ -120,7 +119,7 @@ class Controller:
     def wait_for_generators(self, timeout_s: float) -> dict[int, dict]:
         deadline = self.clock.monotonic() + timeout_s
         while self.clock.monotonic() < deadline:
-            self._check()
+            self.raise_if_failed()
             alive = self.alive_generators()
             if len(alive) >= self.num_generators:
                 return alive
@@ -169,7 +168,7 @@ class Controller:
         ``idle_timeout_s`` (a stuck pool) or the controller thread died."""
         last, since = None, self.clock.monotonic()
         while True:
-            self._check()
+            self.raise_if_failed()
             n, done, total = self.evals_unfinished()
             if n == 0:
                 return
@@ -190,7 +189,8 @@ class Controller:
             self.done = True
         self.post(m.Shutdown(reason="schedule finished"))
 
-    def _check(self) -> None:
+    def raise_if_failed(self) -> None:
+        """Re-raise, in the calling (training) thread, the error that ended the controller thread."""
         if self.error is not None:
             raise RuntimeError(f"rollout controller failed: {self.error!r}") from self.error
 
@@ -199,7 +199,7 @@ class Controller:
         try:
             while not self._stop.is_set():
                 self.poll(0.01)
-        except BaseException as e:  # surfaced to the training thread by _check
+        except BaseException as e:  # surfaced to the training thread by raise_if_failed
             log.exception("rollout controller crashed")
             self.error = e
 

@@ -82,7 +82,7 @@ def rollout_side_parts(cfg: Any, problems: list, encode_prompt: Any, endpoint: A
         buffer.load_state_dict(resume_state["buffer"])
     controller = Controller(endpoint=endpoint, buffer=buffer, source=source, encode_prompt=encode_prompt,
                             stage_at=cfg.stage_at, num_generators=cfg.generation.num_generators,
-                            prompts_per_step_at=pps, evals=evals, generator_timeout_s=cfg.transport.generator_timeout_s,
+                            evals=evals, generator_timeout_s=cfg.transport.generator_timeout_s,
                             clock=clock)
     return source, buffer, controller
 
@@ -117,7 +117,7 @@ def fill_buffer(side: Any, cfg: Any, stop: dict) -> dict | None:
     first = side.buffer.prompts_before(1)
     t_first = None
     while not stop["flag"]:
-        side.controller._check()
+        side.controller.raise_if_failed()
         a = side.buffer.accounting()
         now = time.perf_counter()
         if t_first is None and a["queued"] >= first:
@@ -305,7 +305,7 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
                 # every rank leaves the loop at the same step (a lone rank leaving would hang the rest).
                 rebroadcast = False
                 while groups is None and not stop["flag"]:
-                    side.controller._check()
+                    side.controller.raise_if_failed()
                     groups = side.buffer.take_batch(version, cfg.stage_at(version)[1].prompts_per_step, timeout_s=1.0)
                     if groups is None and channel.due():
                         # A generator joined, restarted or died, or a broadcast is owed: the current
