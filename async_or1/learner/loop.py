@@ -1,7 +1,9 @@
 """The learner process: one loop of named, timed phases, run by every learner rank.
 
-    wait for the step's batch → policy update (learner/update.py: N_SGD × N_reuse optimizer steps)
-    → version += 1 → broadcast → log
+    set_up → (wait_for_batch → train_step → broadcast_step → checkpoint → log_step)* → finish
+
+each a function below with its distributed hazards in its docstring; ``Learner`` carries the
+state between them.
 
 A version is one training step (one rollout batch), whatever its number of optimizer steps.
 
@@ -19,6 +21,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -198,21 +201,90 @@ def _init_learner_group(backend: str) -> None:
     dist.init_process_group(backend, store=store, rank=rank, world_size=world)
 
 
+@dataclass
+class Learner:
+    """One learner rank's state between the phases of ``run``. ``side``, ``writer``, ``tokenizer``
+    and ``channel`` exist on rank 0 only (None elsewhere)."""
+    cfg: Any
+    rank: int
+    world: int
+    run_dir: Path
+    engine: Any
+    entropy_ctl: Any
+    entropy_coef: float
+    version: int
+    stage: int
+    stop: dict
+    phases: Any
+    resumed: bool
+    side: Any = None
+    writer: Any = None
+    tokenizer: Any = None
+    channel: Any = None
+    saved_version: int = 0
+    groups: Any = None               # rank 0: the step's rollout groups, for its log row
+    fill_s: Any = None               # the throughput bench's pool measurement (fill_buffer)
+    wait_t0: float | None = None     # when the current step began waiting (kept across re-broadcasts)
+    t_start: float = field(default_factory=time.time)
+    last_step_end: float = field(default_factory=time.perf_counter)
+
+    @property
+    def total(self) -> int:
+        return self.cfg.total_steps
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def evals_on(self) -> bool:
+        return self.rank == 0 and self.side.evals is not None
+
+
 def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = None,
         before_start: Any = None) -> int:
     """The learner rank's whole life. ``endpoint``/``make_channel`` default to ZeroMQ and the
     torch.distributed weight group; the in-process mode passes its own."""
+    r = set_up(spec, resume, endpoint, make_channel, before_start)
+    while r.version < r.total:
+        with r.phases("wait"):
+            payload = wait_for_batch(r)
+        if payload["stop"]:
+            break
+        if payload.get("rebroadcast"):
+            with r.phases("broadcast"):
+                broadcast(r, r.version)
+            continue
+        with r.phases("train"):
+            stats = train_step(r, payload)
+        with r.phases("broadcast"):
+            broadcast_step(r)
+        every = r.cfg.learner.checkpoint_every_steps
+        if every and r.version % every == 0 and r.version < r.total:
+            with r.phases("checkpoint"):
+                checkpoint(r)
+        with r.phases("log"):
+            log_step(r, payload, stats)
+    finish(r)
+    return 0
+
+
+def set_up(spec: dict, resume: bool, endpoint: Any, make_channel: Any, before_start: Any) -> Learner:
+    """The process group, the model (from the latest checkpoint on ``resume``), and on rank 0 the
+    rollout side, the weight channel and the metrics; then the first broadcast, the "before"
+    evaluation and leasing opened.
+
+    Hazards: ``--resume`` with no complete checkpoint fails before the model loads. The first
+    broadcast is a collective: every rank makes it, before any lease, so no generator samples from
+    weights other than the learner's. Only SIGTERM's flag on rank 0 is read (see wait_for_batch)."""
     import deepspeed
     import torch
     import torch.distributed as dist
 
     from async_or1.algo import AdaptiveEntropy
     from async_or1.config import config_from_dict
-    from async_or1.learner.batch import batch_stats
-    from async_or1.learner.broadcast import broadcast_weights
     from async_or1.learner.engine import LearnerEngine
     from async_or1.learner.metrics import MetricsWriter
-    from async_or1.learner.update import plan_step, run_update
     from async_or1.timing import Phases
 
     cfg = config_from_dict(spec["config"])
@@ -221,14 +293,13 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(cfg.seed)
     run_dir = Path(spec["run_dir"])
-    ckpt_root = run_dir / "checkpoints"
     latest = None
     if resume:  # before the model loads: a run with nothing to resume fails at once
         from async_or1.learner.checkpoint import list_checkpoints
 
-        done = list_checkpoints(ckpt_root)
+        done = list_checkpoints(run_dir / "checkpoints")
         if not done:
-            raise SystemExit(f"--resume: no complete checkpoint under {ckpt_root}")
+            raise SystemExit(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
         latest = done[-1]
     engine = LearnerEngine(cfg, spec["model_path"])
     if before_start is not None:  # in-process mode: generator threads start once the model is loaded
@@ -239,187 +310,221 @@ def run(spec: dict, resume: bool, *, endpoint: Any = None, make_channel: Any = N
         client_state = engine.load_checkpoint(latest) or {}
         log.info("rank %d resumed from %s at version %s", rank, latest, client_state.get("version"))
     version = int(client_state.get("version", 0))
-    entropy_ctl = AdaptiveEntropy(cfg.algo.entropy.target, cfg.algo.entropy.delta, coef_init=cfg.algo.entropy.coef_init,
-                                  coef_min=cfg.algo.entropy.coef_min, coef_max=cfg.algo.entropy.coef_max)
+    e = cfg.algo.entropy
+    entropy_ctl = AdaptiveEntropy(e.target, e.delta, coef_init=e.coef_init, coef_min=e.coef_min, coef_max=e.coef_max)
     if client_state.get("entropy"):
         entropy_ctl.load_state_dict(client_state["entropy"])
-    entropy_coef = float(client_state.get("entropy_coef", cfg.algo.entropy.coef_init))
-    stage = int(client_state.get("stage", cfg.stage_at(version)[0]))
+    r = Learner(cfg=cfg, rank=rank, world=world, run_dir=run_dir, engine=engine, entropy_ctl=entropy_ctl,
+                entropy_coef=float(client_state.get("entropy_coef", e.coef_init)), version=version,
+                stage=int(client_state.get("stage", cfg.stage_at(version)[0])), stop={"flag": False},
+                phases=Phases(), resumed=resume, saved_version=version)
+    signal.signal(signal.SIGTERM, lambda s, f: r.stop.update(flag=True))
 
-    stop = {"flag": False}
-    signal.signal(signal.SIGTERM, lambda s, f: stop.update(flag=True))
-
-    side = writer = tokenizer = None
     if rank == 0:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer_path"])
-        side = RolloutSide(cfg, spec, tokenizer, client_state or None,
-                           endpoint if endpoint is not None else zmq_endpoint(cfg, spec))
-        channel = (make_channel or _weight_group)(cfg, spec, side.controller)
-        side.controller.set_version(version, broadcast_version=version)
-        side.controller.start()
+        r.tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer_path"])
+        r.side = RolloutSide(cfg, spec, r.tokenizer, client_state or None,
+                             endpoint if endpoint is not None else zmq_endpoint(cfg, spec))
+        r.channel = (make_channel or _weight_group)(cfg, spec, r.side.controller)
+        r.side.controller.set_version(version, broadcast_version=version)
+        r.side.controller.start()
         # Always append: a resumed run continues the same metrics.jsonl (the launcher has emptied
         # the run dir, or refused a non-empty one, for a new run).
-        writer = MetricsWriter(run_dir, tensorboard=cfg.log.tensorboard, append=True, total_steps=cfg.total_steps)
-        side.controller.wait_for_generators(cfg.transport.generator_timeout_s * 4)
-    phases = Phases()
+        r.writer = MetricsWriter(run_dir, tensorboard=cfg.log.tensorboard, append=True, total_steps=cfg.total_steps)
+        r.side.controller.wait_for_generators(cfg.transport.generator_timeout_s * 4)
 
-    def broadcast(v: int) -> None:
-        if broadcast_weights(engine, channel if rank == 0 else None, v):
-            side.controller.set_version(side.controller.version, broadcast_version=v)
-
-    broadcast(version)
-    evals_on = rank == 0 and side.evals is not None
-    if evals_on and cfg.eval.at_start_and_end and not resume:
+    broadcast(r, version)
+    if r.evals_on and cfg.eval.at_start_and_end and not resume:
         # Before any training lease: every token of this evaluation comes from the initial weights.
-        side.controller.request_eval("before", version, version)
-        wait_for_evals(side, cfg, "before")
-        write_finished_evals(side, writer, cfg, run_dir)
+        r.side.controller.request_eval("before", version, version)
+        wait_for_evals(r.side, cfg, "before")
+        write_finished_evals(r.side, r.writer, cfg, run_dir)
     if rank == 0:
-        side.controller.leasing_open = True
-    fill_s = None
-    if rank == 0 and spec.get("bench", {}).get("pools_alone"):
-        fill_s = fill_buffer(side, cfg, stop)
+        r.side.controller.leasing_open = True
+        if spec.get("bench", {}).get("pools_alone"):
+            r.fill_s = fill_buffer(r.side, cfg, r.stop)
+    return r
 
-    total = cfg.total_steps
-    saved_version = version
-    t_start = time.time()
-    last_step_end = time.perf_counter()
-    wait_t0 = None                   # when the current step began waiting (kept across re-broadcasts)
-    while version < total:
-        step_t0 = time.perf_counter()
-        wait_t0 = wait_t0 or step_t0
-        new_stage = cfg.stage_at(version)[0]
-        # ---- wait for the batch (rank 0), ship shards to every rank --------------------------
-        with phases("wait"):
-            payload = None
-            if rank == 0:
-                if new_stage != stage:
-                    # The source entered the stage when leasing reached it (its online filter ran then).
-                    log.info("stage %d → %d at step %d; online filter dropped %s", stage, new_stage, version,
-                             side.controller.stage_starts.get(new_stage, 0))
-                    stage = new_stage
-                groups = None
-                # Only rank 0's SIGTERM flag counts: the decision to stop travels in the payload, so
-                # every rank leaves the loop at the same step (a lone rank leaving would hang the rest).
-                rebroadcast = False
-                while groups is None and not stop["flag"]:
-                    side.controller.raise_if_failed()
-                    groups = side.buffer.take_batch(version, cfg.stage_at(version)[1].prompts_per_step, timeout_s=1.0)
-                    if groups is None and channel.due():
-                        # A generator joined, restarted or died, or a broadcast is owed: the current
-                        # weights go out again on a re-formed group (a collective for every rank, hence
-                        # through the payload). Waiting for the next step would deadlock on-policy.
-                        rebroadcast = True
-                        break
-                    if groups is None and time.perf_counter() - wait_t0 > cfg.buffer.wait_timeout_s:
-                        raise SystemExit(f"no batch for step {version} within buffer.wait_timeout_s="
-                                         f"{cfg.buffer.wait_timeout_s:.0f} s (generators alive: "
-                                         f"{sorted(side.controller.alive_generators())}); see the generator logs")
-                if rebroadcast:
-                    payload = {"stop": False, "rebroadcast": True}
-                elif groups is not None:
-                    payload = {**plan_step(groups, cfg, world, version), "entropy_coef": entropy_coef, "stop": False}
-                else:
-                    payload = {"stop": True}
-            obj = [payload]
-            dist.broadcast_object_list(obj, src=0)
-            payload = obj[0]
-        if payload["stop"]:
-            break
-        if payload.get("rebroadcast"):
-            with phases("broadcast"):
-                broadcast(version)
-            continue
-        wait_t0 = None
-        # ---- the policy update: N_SGD × N_reuse optimizer steps (learner/update.py) ------------
-        with phases("train"):
-            stats = run_update(engine, payload, rank, cfg, payload["entropy_coef"], phases)
-        version += 1
-        # ---- adaptive entropy, once per training step, from π_prox over the whole rollout batch --
-        entropy = stats["entropy"]
-        if cfg.algo.entropy.enabled:
-            entropy_coef = entropy_ctl.step(entropy)
-        # ---- broadcast (and, every eval.every_steps, an evaluation of what was broadcast) -------
-        with phases("broadcast"):
-            if version % cfg.learner.broadcast_every_steps == 0 or version == total:
-                if rank == 0:
-                    side.controller.set_version(version)
-                broadcast(version)
-                every = cfg.eval.every_steps
-                if evals_on and every and version % every == 0 and version < total:
-                    side.controller.request_eval(f"step_{version:06d}", version, version)
-            elif rank == 0:
-                side.controller.set_version(version)
-        # ---- checkpoint ------------------------------------------------------------------
-        every = cfg.learner.checkpoint_every_steps
-        if every and version % every == 0 and version < total:
-            with phases("checkpoint"):
-                _save(engine, ckpt_root, version, rank, side, entropy_ctl, entropy_coef, stage,
-                      cfg.learner.keep_checkpoints)
-                saved_version = version
-        # ---- log -------------------------------------------------------------------------
-        with phases("log"):
-            if evals_on:
-                write_finished_evals(side, writer, cfg, run_dir)
-            if rank == 0:
-                now = time.perf_counter()
-                ph = phases.take()
-                wall = now - last_step_end
-                last_step_end = now
-                leases = side.controller.take_lease_sizes()
-                trained = sum(m["num_tokens"] for m in payload["mini_batches"])
-                row = {"step": version - 1, "version": version, "stage": stage, "time_s": round(time.time() - t_start, 3),
-                       **batch_stats(groups, version - 1),
-                       **stats, "entropy_coef": payload["entropy_coef"], "next_entropy_coef": entropy_coef,
-                       "trained_tokens": trained, "tokens_per_s": trained / max(wall, 1e-9),
-                       "step_s": wall, "gen_idle_frac": side.controller.gen_idle_frac(),
-                       "leases": len(leases), "lease_prompts_mean": sum(leases) / len(leases) if leases else 0.0,
-                       "learner_idle_frac": ph.get("wait", 0.0) / max(wall, 1e-9),
-                       "phase_s": {k: round(v, 4) for k, v in ph.items()},
-                       **side.buffer.step_metrics(version)}
-                writer.write(row, print_line=(version - 1) % cfg.log.print_every_steps == 0)
 
-    # ---- end of run: the final evaluation runs on the generators while the learner saves ----
-    if evals_on and cfg.eval.at_start_and_end and version == total:
-        side.controller.request_eval("after", version, version)
-    if version != saved_version:
-        _save(engine, ckpt_root, version, rank, side, entropy_ctl, entropy_coef, stage, cfg.learner.keep_checkpoints)
-    engine.save_hf(run_dir / "final", tokenizer=tokenizer)
-    if evals_on:
-        if version == total:
+def wait_for_batch(r: Learner) -> dict:
+    """Rank 0 waits for the step's batch and plans it; every rank receives the plan (the payload).
+
+    Hazards: only rank 0's SIGTERM flag counts, and the decision to stop travels in the payload,
+    so every rank leaves the loop at the same step (a lone rank leaving would hang the rest). A
+    re-broadcast owed while waiting (a generator joined, restarted or died) is a collective, so it
+    too goes through the payload; waiting for the next step instead would deadlock on-policy
+    (η = 0: no batch comes until the generators have the current weights). Fails after
+    ``buffer.wait_timeout_s`` without a batch, counted across re-broadcasts."""
+    import torch.distributed as dist
+
+    from async_or1.learner.update import plan_step
+
+    r.wait_t0 = r.wait_t0 or time.perf_counter()
+    payload = None
+    if r.rank == 0:
+        cfg, side = r.cfg, r.side
+        new_stage = cfg.stage_at(r.version)[0]
+        if new_stage != r.stage:
+            # The source entered the stage when leasing reached it (its online filter ran then).
+            log.info("stage %d → %d at step %d; online filter dropped %s", r.stage, new_stage, r.version,
+                     side.controller.stage_starts.get(new_stage, 0))
+            r.stage = new_stage
+        groups, rebroadcast = None, False
+        while groups is None and not r.stop["flag"]:
+            side.controller.raise_if_failed()
+            groups = side.buffer.take_batch(r.version, cfg.stage_at(r.version)[1].prompts_per_step, timeout_s=1.0)
+            if groups is None and r.channel.due():
+                rebroadcast = True
+                break
+            if groups is None and time.perf_counter() - r.wait_t0 > cfg.buffer.wait_timeout_s:
+                raise SystemExit(f"no batch for step {r.version} within buffer.wait_timeout_s="
+                                 f"{cfg.buffer.wait_timeout_s:.0f} s (generators alive: "
+                                 f"{sorted(side.controller.alive_generators())}); see the generator logs")
+        r.groups = groups
+        if rebroadcast:
+            payload = {"stop": False, "rebroadcast": True}
+        elif groups is not None:
+            payload = {**plan_step(groups, cfg, r.world, r.version), "entropy_coef": r.entropy_coef, "stop": False}
+        else:
+            payload = {"stop": True}
+    obj = [payload]
+    dist.broadcast_object_list(obj, src=0)
+    payload = obj[0]
+    if not payload["stop"] and not payload.get("rebroadcast"):
+        r.wait_t0 = None
+    return payload
+
+
+def train_step(r: Learner, payload: dict) -> dict:
+    """The policy update (learner/update.py: N_SGD × N_reuse optimizer steps), version += 1, and
+    the adaptive entropy coefficient for the next step.
+
+    Hazards: every rank runs the same number of micro-batches (ZeRO-3 gathers parameters
+    collectively in every forward; the plan guarantees it). The coefficient used is rank 0's, from
+    the payload, so the ranks never disagree; the controller updates once per training step from
+    π_prox's entropy over the whole rollout batch, not per optimizer step."""
+    from async_or1.learner.update import run_update
+
+    stats = run_update(r.engine, payload, r.rank, r.cfg, payload["entropy_coef"], r.phases)
+    r.version += 1
+    if r.cfg.algo.entropy.enabled:
+        r.entropy_coef = r.entropy_ctl.step(stats["entropy"])
+    return stats
+
+
+def broadcast(r: Learner, v: int) -> None:
+    """Send the current weights as version ``v`` (a collective: every rank calls it; rank 0 sends).
+    The controller learns the broadcast version only once the weights are out, so no lease waits
+    on weights the generators cannot have yet."""
+    from async_or1.learner.broadcast import broadcast_weights
+
+    if broadcast_weights(r.engine, r.channel if r.rank == 0 else None, v):
+        r.side.controller.set_version(r.side.controller.version, broadcast_version=v)
+
+
+def broadcast_step(r: Learner) -> None:
+    """After a step: the new version to the controller, and every ``learner.broadcast_every_steps``
+    (and at the end) the weights, with an evaluation of what was broadcast every ``eval.every_steps``.
+
+    Hazard: the version goes to the controller before the weights, so leases granted meanwhile are
+    stamped with the version they will be sampled from once the broadcast lands."""
+    cfg, v = r.cfg, r.version
+    if v % cfg.learner.broadcast_every_steps == 0 or v == r.total:
+        if r.rank == 0:
+            r.side.controller.set_version(v)
+        broadcast(r, v)
+        every = cfg.eval.every_steps
+        if r.evals_on and every and v % every == 0 and v < r.total:
+            r.side.controller.request_eval(f"step_{v:06d}", v, v)
+    elif r.rank == 0:
+        r.side.controller.set_version(v)
+
+
+def checkpoint(r: Learner) -> None:
+    """Save model, optimizer and the run's state at ``r.version`` (a collective: every rank saves
+    its shard). Hazard: rank 0 reads the prompt source and the outstanding leases under the
+    controller lock, so a prompt out on a lease is re-issued on resume, neither lost nor doubled."""
+    _save(r.engine, r.ckpt_root, r.version, r.rank, r.side, r.entropy_ctl, r.entropy_coef, r.stage,
+          r.cfg.learner.keep_checkpoints)
+    r.saved_version = r.version
+
+
+def log_step(r: Learner, payload: dict, stats: dict) -> None:
+    """Rank 0: the finished evaluations, and the step's metrics row (``phases.take()`` resets the
+    phase timers, so each row's ``phase_s`` covers exactly one step, waiting included)."""
+    if r.evals_on:
+        write_finished_evals(r.side, r.writer, r.cfg, r.run_dir)
+    if r.rank != 0:
+        return
+    from async_or1.learner.batch import batch_stats
+
+    side, v = r.side, r.version
+    now = time.perf_counter()
+    ph = r.phases.take()
+    wall = now - r.last_step_end
+    r.last_step_end = now
+    leases = side.controller.take_lease_sizes()
+    trained = sum(m["num_tokens"] for m in payload["mini_batches"])
+    row = {"step": v - 1, "version": v, "stage": r.stage, "time_s": round(time.time() - r.t_start, 3),
+           **batch_stats(r.groups, v - 1),
+           **stats, "entropy_coef": payload["entropy_coef"], "next_entropy_coef": r.entropy_coef,
+           "trained_tokens": trained, "tokens_per_s": trained / max(wall, 1e-9),
+           "step_s": wall, "gen_idle_frac": side.controller.gen_idle_frac(),
+           "leases": len(leases), "lease_prompts_mean": sum(leases) / len(leases) if leases else 0.0,
+           "learner_idle_frac": ph.get("wait", 0.0) / max(wall, 1e-9),
+           "phase_s": {k: round(x, 4) for k, x in ph.items()},
+           **side.buffer.step_metrics(v)}
+    r.writer.write(row, print_line=(v - 1) % r.cfg.log.print_every_steps == 0)
+
+
+def finish(r: Learner) -> None:
+    """The end of the run (or of a SIGTERM): final checkpoint, the HF export, the "after"
+    evaluation, and on rank 0 the run summary with its accounting checked.
+
+    Hazards: the final evaluation is requested before saving, so the generators sample it while
+    the learner saves. The generators answer the Shutdown by returning unsampled leases or
+    delivering finished groups; rank 0 waits for them (30 s at most) so the accounting closes with
+    nothing in flight, and ``check_accounting`` fails the run if a group is unaccounted for. The
+    final barrier keeps every rank alive until rank 0 has written the summary."""
+    import torch.distributed as dist
+
+    cfg, v, side = r.cfg, r.version, r.side
+    if r.evals_on and cfg.eval.at_start_and_end and v == r.total:
+        side.controller.request_eval("after", v, v)
+    if v != r.saved_version:
+        checkpoint(r)
+    r.engine.save_hf(r.run_dir / "final", tokenizer=r.tokenizer)
+    if r.evals_on:
+        if v == r.total:
             wait_for_evals(side, cfg, "after")
-        write_finished_evals(side, writer, cfg, run_dir)
+        write_finished_evals(side, r.writer, cfg, r.run_dir)
         n, _, _ = side.controller.evals_unfinished()
         if n:
             log.warning("%d evaluation(s) unfinished at the stop: not recorded", n)
-    if rank == 0:
+    if r.rank == 0:
         side.controller.finish()
         side.controller.flush()
-        # Generators answer the Shutdown by returning unsampled leases or delivering finished groups;
-        # wait for them so the accounting closes with nothing in flight.
         deadline = time.monotonic() + 30
         while side.buffer.accounting()["in_flight"] and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(0.3)  # last heartbeats (weight fingerprints) on their way
-        writer.write_summary({"final_version": version, "accounting": side.buffer.accounting(),
-                              "lost_generators": side.controller.lost_generators,
-                              "faults": {"generator_restarts": side.controller.restarts,
-                                         "prompts_reissued_lost": side.controller.reissued_lost,
-                                         "recoveries": side.controller.recoveries,
-                                         "weight_group": dict(getattr(channel, "stats", {}))},
-                              "data": side.data_counts, "source": dict(side.source.counts),
-                              **({"pools_alone": fill_s} if fill_s is not None else {}),
-                              "transport": dict(side.endpoint.stats),
-                              "weight_fingerprints": {"sent": channel.sent_fingerprints,
-                                                      "received": side.controller.received_fingerprints}})
+        r.writer.write_summary({"final_version": v, "accounting": side.buffer.accounting(),
+                                "lost_generators": side.controller.lost_generators,
+                                "faults": {"generator_restarts": side.controller.restarts,
+                                           "prompts_reissued_lost": side.controller.reissued_lost,
+                                           "recoveries": side.controller.recoveries,
+                                           "weight_group": dict(getattr(r.channel, "stats", {}))},
+                                "data": side.data_counts, "source": dict(side.source.counts),
+                                **({"pools_alone": r.fill_s} if r.fill_s is not None else {}),
+                                "transport": dict(side.endpoint.stats),
+                                "weight_fingerprints": {"sent": r.channel.sent_fingerprints,
+                                                        "received": side.controller.received_fingerprints}})
         side.controller.stop()
         side.endpoint.close()
-        writer.close()
+        r.writer.close()
         side.buffer.check_accounting()
     dist.barrier()
-    return 0
 
 
 def _save(engine: Any, root: Path, version: int, rank: int, side: Any, entropy_ctl: Any, entropy_coef: float,
