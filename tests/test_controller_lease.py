@@ -92,3 +92,23 @@ def test_on_policy_and_refill_leases_keep_the_current_version():
     assert lease.min_version == 0
     ctl.set_version(3, broadcast_version=3)    # the broadcast term still holds
     assert _lease(ctl, ep, 2).min_version == 3
+
+
+def test_a_group_of_the_wrong_size_is_dropped_with_a_counted_reason():
+    # The controller tells the buffer each lease's G (the stage's samples_per_prompt), so a
+    # generator that returns 3 samples where the stage asks for 2 has its group dropped as
+    # malformed, counted in the ledger, and the ledger still balances.
+    ctl, ep, buffer = _setup(eta=1)
+    lease = _lease(ctl, ep, 2)
+    assert all(p.samples_per_prompt == 2 for p in lease.prompts)
+    good, bad = lease.prompts
+    for p, rewards in ((good, (0.0, 1.0)), (bad, (0.0, 1.0, 1.0))):
+        s = [m.Sample(tokens=np.ones(3, np.int32), logprobs=np.zeros(3, np.float32), versions=np.zeros(3, np.int32),
+                      finish_reason="stop", reward=r) for r in rewards]
+        ep.inbox.append(("gen-0", m.RolloutGroup(lease_id=lease.lease_id, prompt_id=p.prompt_id, stage=0,
+                                                 generator_id=0, prompt_tokens=np.ones(3, np.int32), samples=s)))
+    ctl.poll()
+    ctl.poll()
+    a = buffer.accounting()
+    assert a["dropped"] == {"malformed": 1} and a["queued"] == 1 and a["in_flight"] == 0
+    buffer.check_accounting()
