@@ -145,6 +145,10 @@ def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
 def supervise(learners: list, gens: list, max_restarts: int, grace_s: float = 600.0) -> int:
     """Run until learner rank 0 exits. Returns its exit code (or 130 on Ctrl-C / SIGTERM)."""
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    # A launcher started in the background of a non-interactive shell (`cmd &`, nohup, CI, batch
+    # scripts) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler:
+    # `kill -INT` would do nothing. Ctrl-C / SIGINT is the documented stop, so take it explicitly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while True:
             time.sleep(0.5)

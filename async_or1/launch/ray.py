@@ -337,6 +337,10 @@ def _supervise(ray: Any, cfg: Any, learners: list, gens: list, running: dict, st
     grace_s, max_restarts = cfg.learner.stop_grace_s, cfg.generation.max_restarts
     restarts = [0] * len(gens)
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    # A launcher started in the background of a non-interactive shell (`cmd &`, nohup, CI, batch
+    # scripts) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler:
+    # `kill -INT` would do nothing. Ctrl-C / SIGINT is the documented stop, so take it explicitly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while True:
             done, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
