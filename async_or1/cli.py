@@ -273,13 +273,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench_cmd == "staleness":
-        from async_or1.bench_staleness import main as staleness
+        from async_or1.bench.staleness import main as staleness
 
         return staleness(config=args.config, max_staleness=args.max_staleness, corrections=args.corrections,
                          steps=args.steps, repeats=args.repeats, out=args.out, ablation=not args.no_ablation,
                          eval_every=args.eval_every, overrides=args.overrides, resume=args.resume,
                          lrs=args.lrs, tagged=args.cell)
-    from async_or1.bench_throughput import main
+    from async_or1.bench.throughput import main
 
     return main(config=args.config, modes=args.modes, max_staleness=args.max_staleness, steps=args.steps,
                 repeats=args.repeats, out=args.out, overrides=args.overrides,

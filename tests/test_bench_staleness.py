@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from async_or1.bench_runs import interleaved
-from async_or1.bench_staleness import Cell, make_cells, run_summary, summarize, verdict
+from async_or1.bench.runs import interleaved
+from async_or1.bench.staleness import Cell, make_cells, run_summary, summarize, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,7 +123,7 @@ def test_bench_staleness_command_on_a_tiny_model(tmp_path):
 
 
 def test_resume_ledger_round_trip_and_mismatch(tmp_path):
-    from async_or1.bench_staleness import _append, _key, _read_ledger
+    from async_or1.bench.staleness import _append, _key, _read_ledger
 
     ledger = tmp_path / "s.runs.jsonl"
     key = _key("configs/cpu-tiny.yaml", 40, ["eval.max_problems=100"])
@@ -140,7 +140,7 @@ def test_resume_ledger_round_trip_and_mismatch(tmp_path):
 
 
 def test_lr_axis_and_tagged_cells_compare_at_the_same_lr(tmp_path):
-    from async_or1.bench_staleness import parse_tagged
+    from async_or1.bench.staleness import parse_tagged
     from async_or1.plots import plot_lr_sweep
 
     noclip = parse_tagged("noclip:2:3e-4:algo.clip_low=0.999,algo.clip_high=1000")
@@ -176,7 +176,7 @@ def test_lr_axis_and_tagged_cells_compare_at_the_same_lr(tmp_path):
     # flat curves: no level between start and end, so no time to reward; a given level of 0.5: the
     # 5-step mean of a constant reward is reached at the first full window (step 4, 8 s) or never
     assert rep["reward_threshold"] is None
-    from async_or1.bench_staleness import add_time_to_reward
+    from async_or1.bench.staleness import add_time_to_reward
 
     add_time_to_reward(rep, threshold=0.5)
     by = {c["cell"]: c for c in rep["cells"]}

@@ -72,3 +72,11 @@ def test_algo_and_rewards_import_nothing_from_the_rest_of_the_package():
     # Pure maths and verifiers: testable alone, owned by nobody else.
     assert not _offending("algo", ("async_or1.algo",)), _offending("algo", ("async_or1.algo",))
     assert not _offending("rewards", ("async_or1.rewards",)), _offending("rewards", ("async_or1.rewards",))
+
+
+def test_only_the_cli_imports_the_benchmarks():
+    # The benchmarks drive the launcher: a runtime module importing them would be an arrow upward.
+    users = {str(p.relative_to(PKG)) for p in PKG.rglob("*.py")
+             if not str(p.relative_to(PKG)).startswith("bench/")
+             and any(m == "async_or1.bench" or m.startswith("async_or1.bench.") for m in _imports(p))}
+    assert users == {"cli.py"}, users

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from async_or1.bench_throughput import (auto_threshold, ledger_summary, pools_alone, run_summary, speedup_bound,
+from async_or1.bench.throughput import (auto_threshold, ledger_summary, pools_alone, run_summary, speedup_bound,
                                         summarize, time_to_reward)
 from async_or1.launch_spec import child_env, parse_cpu_set
 
@@ -125,7 +125,7 @@ def _sweep(values: dict) -> dict:
 
 
 def test_best_lrs_and_variants_from_a_sweep():
-    from async_or1.bench_throughput import Variant, best_lrs, make_variants
+    from async_or1.bench.throughput import Variant, best_lrs, make_variants
 
     sweep = _sweep({(0, 3e-5): 0.30, (0, 1e-4): 0.45, (0, 3e-4): 0.20, (2, 3e-5): 0.28, (2, 1e-4): 0.50,
                     (2, 3e-4): 0.55})
@@ -143,7 +143,7 @@ def test_best_lrs_and_variants_from_a_sweep():
 
 
 def test_time_to_reward_same_lr_and_own_lr_rows_every_round(tmp_path):
-    from async_or1.bench_throughput import time_lines
+    from async_or1.bench.throughput import time_lines
 
     def run(mode, eta, lr, same, own, rep, rewards):
         rows = _rows(list(range(0, 2 * len(rewards), 2)), [100] * len(rewards), wait=1.0, train=1.0)

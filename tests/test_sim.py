@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from async_or1.bench_throughput import speedup_bound
+from async_or1.bench.throughput import speedup_bound
 from async_or1.buffer import ReplayBuffer
 from async_or1.config import load_config
 from async_or1.sim import costs, presets

@@ -3,7 +3,7 @@
 Cells: every max_staleness η × every correction (async mode; η = 0 is on-policy), plus the paper's
 section-4 ablation at η = 0 with correction 'none': (N_SGD, N_reuse) = (1, 1), (4, 1), (1, 2) — does
 entropy collapse faster with more optimizer steps per rollout batch? Every cell trains the same
-config for the same steps with the same seeds; rounds are interleaved (``bench_runs``).
+config for the same steps with the same seeds; rounds are interleaved (``bench.runs``).
 
 Per cell and round: the sampled reward, entropy and off-policy diagnostics vs step and wall time,
 held-out avg@k after (and at every ``--eval-every`` steps), against the initial model's, measured
@@ -163,10 +163,10 @@ def summarize(results: list[dict], cells: list[Cell], max_staleness: list[int], 
 
 
 def add_time_to_reward(report: dict, threshold: float | None = None) -> None:
-    """Per cell, every round's wall seconds to one sampled-reward level (``bench_throughput``'s rule:
+    """Per cell, every round's wall seconds to one sampled-reward level (``bench.throughput``'s rule:
     5-step moving average; the level 75% of the way from the start to the weakest end of the runs
     that learn, i.e. of each η's best-lr cell when lrs were swept, else of every grid cell)."""
-    from async_or1.bench_throughput import auto_threshold, best_lrs, rounds_to_reward
+    from async_or1.bench.throughput import auto_threshold, best_lrs, rounds_to_reward
 
     curves = {}
     for r in report["raw"]:
@@ -205,7 +205,7 @@ def main(config: str, max_staleness: str, corrections: str, steps: int, repeats:
          ablation: bool = True, eval_every: int = 0, overrides: list[str] | None = None, resume: bool = False,
          lrs: str = "", tagged: list[str] | None = None) -> int:
     from async_or1.algo.corrections import CORRECTIONS
-    from async_or1.bench_runs import cell_config, evaluate, interleaved, read_rows, run_cell
+    from async_or1.bench.runs import cell_config, evaluate, interleaved, read_rows, run_cell
     from async_or1.learner.metrics import finite_json
 
     etas = [int(e) for e in max_staleness.split(",") if e.strip()]

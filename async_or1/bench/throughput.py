@@ -182,7 +182,7 @@ def _variants(modes: str, max_staleness: str, steps: int) -> list[tuple[str, int
 
 def main(config: str, modes: str, max_staleness: str, steps: int, repeats: int, out: str,
          overrides: list[str] | None = None, reward_threshold: float | None = None, lr_from: str | None = None) -> int:
-    from async_or1.bench_runs import cell_config, interleaved, run_cell
+    from async_or1.bench.runs import cell_config, interleaved, run_cell
     from async_or1.progress import bar
 
     tuned = None
