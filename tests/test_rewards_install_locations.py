@@ -104,8 +104,9 @@ def interpreters():
 @pytest.mark.parametrize("where", ["venv under /tmp", "venv under $HOME", "system interpreter", "unprivileged user"])
 def test_sandbox_from_each_install_location(interpreters, where, tmp_path):
     py, env, prefix = interpreters[where]
-    if not py.exists() or (prefix and not shutil.which(prefix[0])):
-        pytest.skip(f"{py} or {prefix[:1]} is not installed here")
+    # Every machine here (CI included) has both; a missing one is a broken test machine, not a pass.
+    assert py.exists(), f"{py} is needed for the '{where}' install location"
+    assert not prefix or shutil.which(prefix[0]), f"{prefix[0]} (util-linux) is needed for the '{where}' case"
     secret_dir = Path(tempfile.mkdtemp(prefix="async-or1-test-host-"))
     os.chmod(secret_dir, 0o1777)  # readable and writable by anyone: only the isolation keeps a program out
     marker = secret_dir / "rows.jsonl"
