@@ -142,13 +142,19 @@ def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # a scheduler's SIGTERM stops the run like Ctrl-C: learners checkpoint
 
 
+def take_stop_signals() -> None:
+    """SIGTERM and SIGINT both raise KeyboardInterrupt in the supervising loop (both backends).
+
+    SIGINT is set explicitly: a launcher started in the background of a non-interactive shell
+    (`cmd &`, nohup, CI, batch scripts) inherits it ignored, and Python then installs no handler,
+    so `kill -INT` would do nothing."""
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def supervise(learners: list, gens: list, max_restarts: int, grace_s: float = 600.0) -> int:
     """Run until learner rank 0 exits. Returns its exit code (or 130 on Ctrl-C / SIGTERM)."""
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    # A launcher started in the background of a non-interactive shell (`cmd &`, nohup, CI, batch
-    # scripts) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler:
-    # `kill -INT` would do nothing. Ctrl-C / SIGINT is the documented stop, so take it explicitly.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    take_stop_signals()
     try:
         while True:
             time.sleep(0.5)

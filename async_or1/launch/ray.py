@@ -332,15 +332,11 @@ def _supervise(ray: Any, cfg: Any, learners: list, gens: list, running: dict, st
                placement: dict, run_dir: Path) -> int:
     """Until learner rank 0 ends: restart generators Ray brought back, stop on a learner's death,
     Ctrl-C or SIGTERM (what ``ray job stop`` sends) stops in order as the local backend does."""
-    from async_or1.launch.local import _sigterm_as_interrupt
+    from async_or1.launch.local import take_stop_signals
 
     grace_s, max_restarts = cfg.learner.stop_grace_s, cfg.generation.max_restarts
     restarts = [0] * len(gens)
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    # A launcher started in the background of a non-interactive shell (`cmd &`, nohup, CI, batch
-    # scripts) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler:
-    # `kill -INT` would do nothing. Ctrl-C / SIGINT is the documented stop, so take it explicitly.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    take_stop_signals()
     try:
         while True:
             done, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
